@@ -1,0 +1,1 @@
+"""Dataset readers, splits, site partitioning, preprocessing, caching and loaders."""

@@ -1,0 +1,1 @@
+"""Model builders: the timm lesion classifier and its saved-model format."""

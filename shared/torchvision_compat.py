@@ -1,0 +1,33 @@
+"""Lets torchvision's pure-Python parts (and so timm) import beside a CPU-only torch build."""
+
+import torch
+
+_DETECTION_OP_SCHEMAS = (
+    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+)
+_registered_library = None
+
+
+def ensure_torchvision_importable() -> None:
+    """Define torchvision's detection-op schemas when its compiled ops failed to load.
+
+    The torchvision wheel that matches torch 2.13 on PyPI is a CUDA build; beside a CPU
+    torch its C++ ops do not register and `import torchvision` fails on `torchvision::nms`.
+    skin-fl uses none of those ops, so declaring their schemas is enough.
+    """
+    global _registered_library
+    if _registered_library is not None or _torchvision_ops_loaded():
+        return
+    library = torch.library.Library("torchvision", "DEF")
+    for schema in _DETECTION_OP_SCHEMAS:
+        library.define(schema)
+    _registered_library = library
+
+
+def _torchvision_ops_loaded() -> bool:
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 - attribute access is the probe
+    except (AttributeError, RuntimeError):
+        return False
+    return True
