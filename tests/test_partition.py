@@ -8,7 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.data.partition import class_count_table, format_count_table, partition_dirichlet, partition_natural
+from shared.data.partition import (
+    class_count_table,
+    format_count_table,
+    groups_spanning_sites,
+    partition_dirichlet,
+    partition_natural,
+)
 from shared.data.records import ImageTable
 from shared.errors import ConfigError, DataError
 
@@ -57,11 +63,12 @@ def test_natural_partition_rejects_images_without_a_site():
         partition_natural(table)
 
 
-def test_natural_partition_rejects_a_group_at_two_sites():
+def test_natural_partition_keeps_a_lesion_photographed_at_two_sites_at_both():
     table = make_table({"nv": 4}, sites=("a", "b"))
     table.frame.loc[table.frame["image_id"] == "nv_0_1", "site"] = "b"
-    with pytest.raises(DataError, match=r"group 'nv_0' has images at sites \['a', 'b'\]"):
-        partition_natural(table)
+    sites = partition_natural(table)
+    assert "nv_0_1" in set(sites["b"].frame["image_id"]) and "nv_0_0" in set(sites["a"].frame["image_id"])
+    assert groups_spanning_sites(sites) == ["nv_0"]
 
 
 def test_dirichlet_partition_assigns_whole_groups_once_to_named_sites():

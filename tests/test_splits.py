@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from shared.data.records import ImageTable
-from shared.data.splits import check_group_disjoint, group_labels, split_by_group
+from shared.data.splits import check_group_disjoint, group_labels, split_by_group, split_sites_by_group
 from shared.errors import ConfigError, DataError
 
 CLASSES = ["akiec", "mel", "nv", "vasc"]
@@ -86,3 +86,19 @@ def test_check_group_disjoint_names_leaking_groups():
         check_group_disjoint(split)
     with pytest.raises(DataError, match="has no split column"):
         check_group_disjoint(make_table({"nv": 2}))
+
+
+def test_a_lesion_at_two_sites_gets_one_split_at_both():
+    site_a, site_b = make_table({"nv": 12, "mel": 6}), make_table({"nv": 12, "mel": 6})
+    # lesion nv_3 has two images at site a and one at site b; site b's own split may differ
+    site_b.frame = site_b.frame[site_b.frame["group"] != "nv_3"].reset_index(drop=True)
+    shared_image = site_a.frame[site_a.frame["group"] == "nv_3"].iloc[[0]].assign(image_id="nv_3_at_b")
+    site_b.frame = pd.concat([site_b.frame, shared_image], ignore_index=True)
+
+    for seed in range(6):
+        split = split_sites_by_group({"a": site_a, "b": site_b}, seed=seed)
+        at_a = set(split["a"].frame.loc[split["a"].frame["group"] == "nv_3", "split"])
+        at_b = set(split["b"].frame.loc[split["b"].frame["group"] == "nv_3", "split"])
+        assert at_a == at_b and len(at_a) == 1
+        for site in split.values():
+            check_group_disjoint(site)

@@ -89,3 +89,23 @@ def check_group_disjoint(table: ImageTable) -> None:
             f"{len(leaking)} lesion/patient group(s) have images in more than one split ({shown}{more}); "
             "split the table with split_by_group so each group stays in one split"
         )
+
+
+def split_sites_by_group(
+    sites: dict[str, ImageTable], *, fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0
+) -> dict[str, ImageTable]:
+    """Split every site by group; a group with images at several sites gets one split everywhere.
+
+    Such a group takes the split it drew at the site that holds most of its images, so no
+    lesion is in the training split of one site and the test split of another.
+    """
+    split = {name: split_by_group(site, fractions=fractions, seed=seed) for name, site in sites.items()}
+    rows = pd.concat([site.frame.assign(_site=name) for name, site in split.items()], ignore_index=True)
+    sites_per_group = rows.groupby("group")["_site"].nunique()
+    for group in sites_per_group.index[sites_per_group > 1]:
+        images = rows[rows["group"] == group]
+        majority_site = images["_site"].value_counts().sort_index().idxmax()
+        chosen = images.loc[images["_site"] == majority_site, "split"].iloc[0]
+        for site in split.values():
+            site.frame.loc[site.frame["group"] == group, "split"] = chosen
+    return split

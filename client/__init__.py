@@ -1,0 +1,1 @@
+"""Flower ClientApp for skin-fl sites and the site-side tools."""

@@ -1,0 +1,64 @@
+"""Aggregation of site metrics: exact pooled counts where possible, example-weighted means otherwise."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from flwr.app import MetricRecord, RecordDict
+
+from shared.metrics import metrics_from_confusion
+
+CONFUSION_KEY = "confusion-matrix"
+WEIGHT_KEY = "num-examples"
+_SECONDS_KEYS = ("train-seconds",)
+
+
+def _metric_record(record: RecordDict) -> MetricRecord:
+    return next(iter(record.metric_records.values()))
+
+
+def _weighted_nanmean(values: list[float], weights: list[float]) -> float:
+    pairs = [(value, weight) for value, weight in zip(values, weights) if not math.isnan(value)]
+    total = sum(weight for _, weight in pairs)
+    if not pairs or total == 0:
+        return float("nan")
+    return sum(value * weight for value, weight in pairs) / total
+
+
+def aggregate_site_metrics(records: list[RecordDict], weighted_by_key: str = WEIGHT_KEY) -> MetricRecord:
+    """Combine per-site metric records into one.
+
+    A confusion matrix is summed, and accuracy / balanced accuracy are recomputed from the sum:
+    the exact pooled figures over all sites' test images. `mean-site-balanced-accuracy` is the
+    unweighted mean over sites (FLamby's figure). Time keys take the slowest site. Every other
+    scalar or list is an example-weighted mean that ignores NaN (metrics a site cannot define).
+    """
+    metrics = [_metric_record(record) for record in records]
+    weights = [float(metric[weighted_by_key]) for metric in metrics]
+    aggregated = MetricRecord({weighted_by_key: int(sum(weights))})
+    for key in metrics[0].keys():
+        if key == weighted_by_key:
+            continue
+        values = [metric[key] for metric in metrics]
+        if key == CONFUSION_KEY:
+            continue
+        if key in _SECONDS_KEYS:
+            aggregated[key] = float(max(values))
+        elif isinstance(values[0], list):
+            columns = zip(*values, strict=True)
+            aggregated[key] = [_weighted_nanmean([float(v) for v in column], weights) for column in columns]
+        else:
+            aggregated[key] = _weighted_nanmean([float(value) for value in values], weights)
+    if CONFUSION_KEY in metrics[0]:
+        flat = np.sum([np.asarray(metric[CONFUSION_KEY], dtype=np.int64) for metric in metrics], axis=0)
+        size = int(round(math.sqrt(flat.size)))
+        pooled = metrics_from_confusion(flat.reshape(size, size))
+        aggregated[CONFUSION_KEY] = [int(value) for value in flat]
+        aggregated["accuracy"] = float(pooled["accuracy"])
+        aggregated["balanced-accuracy"] = float(pooled["balanced_accuracy"])
+        if "balanced-accuracy" in metrics[0]:
+            aggregated["mean-site-balanced-accuracy"] = float(
+                np.nanmean([float(metric["balanced-accuracy"]) for metric in metrics])
+            )
+    return aggregated

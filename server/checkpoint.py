@@ -1,0 +1,48 @@
+"""Global-model checkpoints in the run folder, in the same saved-model format sites and tools read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord
+from torch import nn
+
+from shared.config import RunConfig
+from shared.models.classifier import save_classifier
+from shared.weights import load_arrays_into
+
+
+def array_record_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """The named numpy arrays inside a Flower ArrayRecord."""
+    return {name: array.numpy() for name, array in arrays.items()}
+
+
+class CheckpointWriter:
+    """Writes `checkpoints/round_NNN.pt` every round and `final_model.pt` at the end."""
+
+    def __init__(self, run_folder: Path, model: nn.Module, run: RunConfig):
+        self.folder = Path(run_folder) / "checkpoints"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.model = model
+        self.run = run
+
+    def _save(self, path: Path, arrays: ArrayRecord, metadata: dict) -> Path:
+        load_arrays_into(self.model, array_record_to_numpy(arrays))
+        save_classifier(
+            path,
+            self.model,
+            model_name=self.run.model.name,
+            classes=self.run.classes,
+            preprocess=self.run.preprocess,
+            metadata=metadata,
+        )
+        return path
+
+    def save_round(self, server_round: int, arrays: ArrayRecord) -> Path:
+        """Checkpoint the global model after `server_round`."""
+        return self._save(self.folder / f"round_{server_round:03d}.pt", arrays, {"round": server_round})
+
+    def save_final(self, arrays: ArrayRecord, metadata: dict) -> Path:
+        """Write the final global model next to the run's history."""
+        return self._save(self.folder.parent / "final_model.pt", arrays, metadata)

@@ -1,0 +1,108 @@
+"""The run folder's metric history: per-round aggregates and per-site metrics, as JSON and CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def write_json_atomically(path: Path, payload) -> None:
+    """Write JSON through a temporary file so a crash never leaves a half-written file."""
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    os.replace(temporary, path)
+
+
+class MetricHistory:
+    """Per-round records of a run, saved to `history.json` and two CSV files after every change."""
+
+    def __init__(self, run_folder: Path):
+        self.run_folder = Path(run_folder)
+        self.rounds: dict[int, dict] = {}
+
+    def _round(self, server_round: int) -> dict:
+        return self.rounds.setdefault(server_round, {"round": server_round, "train": {}, "evaluate": {}, "sites": {}})
+
+    def record_train(self, server_round: int, aggregate: dict, per_site: dict[str, dict], seconds: float) -> None:
+        """Store the aggregated and per-site training metrics of a round."""
+        entry = self._round(server_round)
+        entry["train"] = {key: _finite_or_none(value) for key, value in aggregate.items()}
+        entry["train_sites"] = sorted(per_site)
+        entry["train_wall_seconds"] = seconds
+        for site, metrics in per_site.items():
+            entry["sites"].setdefault(site, {})["train"] = {k: _finite_or_none(v) for k, v in metrics.items()}
+        self.save()
+
+    def record_evaluate(self, server_round: int, aggregate: dict, per_site: dict[str, dict], seconds: float) -> None:
+        """Store the aggregated and per-site evaluation metrics of a round."""
+        entry = self._round(server_round)
+        entry["evaluate"] = {key: _finite_or_none(value) for key, value in aggregate.items()}
+        entry["evaluate_sites"] = sorted(per_site)
+        entry["evaluate_wall_seconds"] = seconds
+        for site, metrics in per_site.items():
+            entry["sites"].setdefault(site, {})["evaluate"] = {k: _finite_or_none(v) for k, v in metrics.items()}
+        self.save()
+
+    def as_list(self) -> list[dict]:
+        """Rounds in order."""
+        return [self.rounds[number] for number in sorted(self.rounds)]
+
+    def last_evaluation(self) -> tuple[dict, dict[str, dict]]:
+        """Aggregate and per-site evaluation metrics of the last evaluated round."""
+        for entry in reversed(self.as_list()):
+            if entry["evaluate"]:
+                per_site = {site: data["evaluate"] for site, data in entry["sites"].items() if "evaluate" in data}
+                return entry["evaluate"], per_site
+        return {}, {}
+
+    def save(self) -> None:
+        """Write history.json, metrics_per_round.csv and metrics_per_site.csv."""
+        self.run_folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(self.run_folder / "history.json", {"rounds": self.as_list()})
+        self._write_csv(
+            self.run_folder / "metrics_per_round.csv",
+            [
+                {"round": entry["round"], **_scalars(entry["train"], "train_"), **_scalars(entry["evaluate"], "eval_")}
+                for entry in self.as_list()
+            ],
+        )
+        self._write_csv(
+            self.run_folder / "metrics_per_site.csv",
+            [
+                {
+                    "round": entry["round"],
+                    "site": site,
+                    **_scalars(data.get("train", {}), "train_"),
+                    **_scalars(data.get("evaluate", {}), "eval_"),
+                }
+                for entry in self.as_list()
+                for site, data in sorted(entry["sites"].items())
+            ],
+        )
+
+    @staticmethod
+    def _write_csv(path: Path, rows: list[dict]) -> None:
+        columns: list[str] = []
+        for row in rows:
+            columns.extend(key for key in row if key not in columns)
+        temporary = path.with_suffix(".csv.tmp")
+        with temporary.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(temporary, path)
+
+
+def _scalars(metrics: dict, prefix: str) -> dict:
+    return {prefix + key: value for key, value in metrics.items() if not isinstance(value, list)}

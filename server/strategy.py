@@ -1,0 +1,150 @@
+"""Strategies that checkpoint the global model, keep the metric history and schedule the rates."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from server.aggregation import aggregate_site_metrics
+from server.checkpoint import CheckpointWriter
+from server.history import MetricHistory
+from shared.config import RoundInstructions, RunConfig
+
+INSTRUCTIONS_KEY = "instructions"
+SITE_RECORD_KEY = "site"
+_BATCH_NORM_STATISTICS = ("running_mean", "running_var")
+
+
+def site_name_of(message: Message) -> str:
+    """The site name a reply carries, or its node id when it names none."""
+    record = message.content.config_records.get(SITE_RECORD_KEY)
+    if record is not None and "name" in record:
+        return str(record["name"])
+    return f"node-{message.metadata.src_node_id}"
+
+
+def _per_site_metrics(replies: list[Message]) -> dict[str, dict]:
+    per_site = {}
+    for reply in replies:
+        if reply.has_error():
+            continue
+        metrics = next(iter(reply.content.metric_records.values()))
+        per_site[site_name_of(reply)] = dict(metrics)
+    return per_site
+
+
+class RecordingMixin:
+    """Adds round instructions, checkpoints and the metric history to a Flower strategy."""
+
+    run: RunConfig
+    history: MetricHistory
+    checkpoints: CheckpointWriter
+
+    def setup_recording(self, run: RunConfig, history: MetricHistory, checkpoints: CheckpointWriter) -> None:
+        """Attach the run settings and the run-folder writers."""
+        self.run = run
+        self.history = history
+        self.checkpoints = checkpoints
+        self._phase_started = time.monotonic()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send this round's instructions (settings and learning-rate schedule) with the weights."""
+        instructions = RoundInstructions.for_round(self.run, server_round)
+        config[INSTRUCTIONS_KEY] = instructions.model_dump_json()
+        self._phase_started = time.monotonic()
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the evaluation instructions with the new global weights."""
+        instructions = RoundInstructions.for_round(self.run, server_round)
+        config[INSTRUCTIONS_KEY] = instructions.model_dump_json()
+        self._phase_started = time.monotonic()
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate, then checkpoint the new global model and record who trained."""
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        self.history.record_train(
+            server_round,
+            dict(metrics) if metrics is not None else {},
+            _per_site_metrics(replies),
+            time.monotonic() - self._phase_started,
+        )
+        if arrays is not None:
+            self.checkpoints.save_round(server_round, arrays)
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Aggregate site evaluations and record them per site."""
+        replies = list(replies)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        self.history.record_evaluate(
+            server_round,
+            dict(metrics) if metrics is not None else {},
+            _per_site_metrics(replies),
+            time.monotonic() - self._phase_started,
+        )
+        return metrics
+
+
+class RecordingFedAvg(RecordingMixin, FedAvg):
+    """FedAvg (McMahan et al., 2017) with skin-fl's checkpoints and history."""
+
+
+class RecordingFedProx(RecordingMixin, FedProx):
+    """FedProx (Li et al., 2020): sites add a proximal term; server averages like FedAvg."""
+
+
+class RecordingFedAdam(RecordingMixin, FedAdam):
+    """FedAdam (Reddi et al., 2021) for weights; BatchNorm statistics are averaged plainly.
+
+    An adaptive server step on running means and variances has no meaning (and can push a
+    variance below zero), so those buffers take the example-weighted average instead.
+    """
+
+    def aggregate_train(self, server_round, replies):
+        """FedAdam step for weights, FedAvg for BatchNorm running statistics."""
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        valid = [reply.content for reply in replies if not reply.has_error()]
+        if arrays is None or not valid:
+            return arrays, metrics
+        averaged = aggregate_arrayrecords(valid, self.weighted_by_key)
+        for name in averaged.keys():
+            if name.endswith(_BATCH_NORM_STATISTICS):
+                arrays[name] = averaged[name]
+        return arrays, metrics
+
+
+def build_strategy(run: RunConfig, history: MetricHistory, checkpoints: CheckpointWriter, num_sites: int | None = None):
+    """The configured strategy with recording, site sampling and metric aggregation."""
+    federation = run.federation
+    common = dict(
+        fraction_train=federation.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=min(federation.min_sites, num_sites or federation.min_sites),
+        min_evaluate_nodes=min(federation.min_sites, num_sites or federation.min_sites),
+        min_available_nodes=min(federation.min_sites, num_sites or federation.min_sites),
+        train_metrics_aggr_fn=aggregate_site_metrics,
+        evaluate_metrics_aggr_fn=aggregate_site_metrics,
+    )
+    if federation.strategy == "fedprox":
+        strategy = RecordingFedProx(proximal_mu=federation.proximal_mu, **common)
+    elif federation.strategy == "fedadam":
+        strategy = RecordingFedAdam(eta=federation.server_learning_rate, eta_l=run.train.learning_rate, **common)
+    else:
+        strategy = RecordingFedAvg(**common)
+    strategy.setup_recording(run, history, checkpoints)
+    return strategy

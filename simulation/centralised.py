@@ -1,0 +1,86 @@
+"""Pooled (centralised) training on all sites' data with the federated run's exact budget and schedule."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from server.history import write_json_atomically
+from shared.config import RunConfig
+from shared.data.cache import CachedImages, concatenate
+from shared.device import resolve_device
+from shared.local_training import evaluate_on_images, precision_for, seed_everything, train_on_images
+from shared.metrics import metrics_from_confusion
+from shared.models.classifier import build_classifier, save_classifier
+from shared.training import cosine_learning_rate
+
+
+def summarise_site_evaluations(per_site: dict[str, dict]) -> dict:
+    """Overall figures over sites: pooled counts from summed confusion matrices, weighted AUC."""
+    confusion = np.sum([np.asarray(metrics["confusion_matrix"]) for metrics in per_site.values()], axis=0)
+    pooled = metrics_from_confusion(confusion)
+    sizes = {site: metrics["num_examples"] for site, metrics in per_site.items()}
+    aucs = [(metrics["macro_auc"], sizes[site]) for site, metrics in per_site.items() if metrics["macro_auc"] is not None]
+    return {
+        "num_examples": int(sum(sizes.values())),
+        "accuracy": float(pooled["accuracy"]),
+        "balanced_accuracy": float(pooled["balanced_accuracy"]),
+        "mean_site_balanced_accuracy": float(np.mean([m["balanced_accuracy"] for m in per_site.values()])),
+        "macro_auc": float(sum(a * n for a, n in aucs) / sum(n for _, n in aucs)) if aucs else None,
+    }
+
+
+def train_centralised(run: RunConfig, site_images: dict[str, CachedImages], run_folder: Path) -> dict:
+    """Train one model on the union of the sites' training splits; evaluate it on every site's test split.
+
+    The budget equals the federated run's: rounds x local epochs over the pooled data, with
+    the same cosine learning-rate schedule, evaluated at the same points.
+    """
+    folder = Path(run_folder) / "centralised"
+    folder.mkdir(parents=True, exist_ok=True)
+    seed_everything(run.seed)
+    device = resolve_device(run.train.device)
+    model = build_classifier(run.model, num_classes=len(run.classes)).to(device)
+    pooled_train = concatenate([images.select("train") for images in site_images.values()])
+    tests = {site: images.select("test") for site, images in site_images.items()}
+    precision = precision_for(model, run.train, device, run.preprocess.image_size)
+    rounds, base, floor = run.federation.rounds, run.train.learning_rate, run.train.min_learning_rate_ratio
+    history = []
+    started = time.monotonic()
+    for chunk in range(1, rounds + 1):
+        result = train_on_images(
+            model,
+            pooled_train,
+            config=run.train,
+            device=device,
+            precision=precision,
+            learning_rate_start=cosine_learning_rate(base, floor, (chunk - 1) / rounds),
+            learning_rate_end=cosine_learning_rate(base, floor, chunk / rounds),
+            seed=run.seed * 100_003 + chunk * 1_009,
+            description=f"pooled epochs {chunk}/{rounds}",
+        )
+        per_site = {
+            site: evaluate_on_images(model, images, batch_size=run.train.batch_size * 2, device=device, precision=precision)
+            for site, images in tests.items()
+        }
+        history.append(
+            {
+                "round": chunk,
+                "train": {"loss": result.loss, "seconds": result.seconds, "images_per_second": result.images_per_second},
+                "evaluate": summarise_site_evaluations(per_site),
+                "sites": per_site,
+            }
+        )
+        write_json_atomically(folder / "history.json", {"rounds": history})
+    wall_seconds = time.monotonic() - started
+    save_classifier(
+        folder / "final_model.pt",
+        model,
+        model_name=run.model.name,
+        classes=run.classes,
+        preprocess=run.preprocess,
+        metadata={"mode": "centralised", "epochs": rounds * run.train.local_epochs, "wall_seconds": wall_seconds},
+    )
+    return {"history": history, "wall_seconds": wall_seconds, "precision": precision.name, "final": history[-1]}

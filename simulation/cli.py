@@ -1,0 +1,236 @@
+"""`skin-fl-sim`: simulate hospital sites on one machine and train the classifier with Flower."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.config import DEFAULT_MODEL, FederationConfig, ModelConfig, PreprocessConfig, RunConfig, TrainConfig
+from shared.errors import SkinFLError
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("SKIN_FL_CACHE_DIR", Path.home() / ".cache" / "skin-fl"))
+logger = logging.getLogger("skin_fl.sim")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of skin-fl-sim."""
+    train_defaults, federation_defaults = TrainConfig(), FederationConfig()
+    parser = argparse.ArgumentParser(
+        prog="skin-fl-sim",
+        description="Simulate N hospital sites from one dataset and train the lesion classifier with "
+        "federated averaging (Flower simulation engine). With no --data it runs on the built-in demo dataset.",
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", type=Path, help="dataset folder (HAM10000, ISIC 2019, ISIC 2020 or folder-per-class)")
+    data.add_argument("--format", choices=["ham10000", "isic2019", "isic2020", "folder"], help="dataset format (detected when omitted)")
+    data.add_argument("--partition", choices=["natural", "dirichlet"], help="natural: the data's own site column; dirichlet: non-IID over --num-sites (default: natural when the data names sites)")
+    data.add_argument("--num-sites", type=int, help="number of sites for --partition dirichlet")
+    data.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skewed), default 0.5")
+    data.add_argument("--partition-column", default="site", help="column naming the source site for natural partitions")
+    data.add_argument("--skip-bad", action="store_true", help="leave out unreadable images and unknown labels, listing them, instead of stopping")
+    data.add_argument("--demo-images", type=int, default=700, help="images in the built-in demo dataset (no --data)")
+    data.add_argument("--image-size", type=int, help="square input size in pixels (default 128 on CPU, 224 on GPU)")
+    data.add_argument("--colour-constancy", action="store_true", help="Shades-of-Gray colour constancy")
+    data.add_argument("--clahe", action="store_true", help="CLAHE contrast equalisation")
+    model = parser.add_argument_group("model and training")
+    model.add_argument("--model", default=DEFAULT_MODEL, help=f"timm architecture (default {DEFAULT_MODEL})")
+    model.add_argument("--pretrained", default="default", help="'default' (packaged ImageNet weights), 'none', or a local weights file")
+    model.add_argument("--rounds", type=int, default=federation_defaults.rounds, help="federated rounds")
+    model.add_argument("--local-epochs", type=int, default=train_defaults.local_epochs, help="local epochs per round")
+    model.add_argument("--batch-size", type=int, default=train_defaults.batch_size)
+    model.add_argument("--lr", type=float, default=train_defaults.learning_rate, help="Adam learning rate at the start of the cosine schedule")
+    model.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default="fedavg")
+    model.add_argument("--proximal-mu", type=float, default=federation_defaults.proximal_mu, help="FedProx proximal weight")
+    model.add_argument("--server-lr", type=float, default=federation_defaults.server_learning_rate, help="FedAdam server step size")
+    model.add_argument("--fraction-train", type=float, default=1.0, help="fraction of sites that train each round")
+    model.add_argument("--balance", choices=["sampler", "none"], default=train_defaults.balance, help="class balancing")
+    model.add_argument("--loss", choices=["ce", "weighted-ce", "focal"], default=train_defaults.loss)
+    model.add_argument("--amp", choices=["auto", "on", "off"], default=train_defaults.amp, help="mixed precision (auto: fp16 on CUDA, bf16 on CPU only where faster)")
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    model.add_argument("--max-steps-per-epoch", type=int, help="cap optimiser steps per epoch (quick runs)")
+    model.add_argument("--seed", type=int, default=0)
+    output = parser.add_argument_group("run")
+    output.add_argument("--centralised", action="store_true", help="also train the same model on the pooled data with the same budget and compare")
+    output.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders are written (default ./runs)")
+    output.add_argument("--name", default="sim", help="suffix of the run folder name")
+    output.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help=f"image and demo cache (default {DEFAULT_CACHE_DIR})")
+    output.add_argument("--threads-per-site", type=int, help="CPU threads of each simulated site (default: cores / sites, at least 1)")
+    return parser
+
+
+def run_config_from_args(args: argparse.Namespace, classes: list[str], device_image_size: int) -> RunConfig:
+    """The validated run settings the command line describes."""
+    try:
+        return RunConfig(
+            classes=classes,
+            model=ModelConfig(name=args.model, pretrained=args.pretrained),
+            preprocess=PreprocessConfig(
+                image_size=args.image_size or device_image_size, colour_constancy=args.colour_constancy, clahe=args.clahe
+            ),
+            train=TrainConfig(
+                batch_size=args.batch_size,
+                learning_rate=args.lr,
+                local_epochs=args.local_epochs,
+                balance=args.balance,
+                loss=args.loss,
+                amp=args.amp,
+                device=args.device,
+                max_steps_per_epoch=args.max_steps_per_epoch,
+            ),
+            federation=FederationConfig(
+                rounds=args.rounds,
+                strategy=args.strategy,
+                proximal_mu=args.proximal_mu,
+                server_learning_rate=args.server_lr,
+                fraction_train=args.fraction_train,
+                min_sites=1,
+            ),
+            seed=args.seed,
+        )
+    except ValueError as error:
+        raise SkinFLError(f"invalid option: {error}") from error
+
+
+def load_table(args: argparse.Namespace):
+    """The dataset the command line names, or the built-in demo."""
+    from shared.data.demo import ensure_demo_dataset
+    from shared.data.readers import detect_format, read_dataset
+
+    if args.data is None:
+        root = ensure_demo_dataset(Path(args.cache_dir) / "demo", num_images=args.demo_images, seed=0)
+        print(f"No --data given: using the built-in demo dataset ({args.demo_images} generated images) at {root}")
+        return read_dataset(root, "ham10000")
+    data_format = args.format or detect_format(args.data)
+    table = read_dataset(args.data, data_format, skip_bad=args.skip_bad)
+    if table.skipped:
+        print(f"Skipped {len(table.skipped)} bad rows (--skip-bad):")
+        for row in table.skipped:
+            print(f"  {row.source}: {row.reason}")
+    return table
+
+
+def simulation_resources(num_sites: int, device_type: str, threads_per_site: int | None) -> tuple[int, dict]:
+    """Threads per site and the Ray backend configuration that runs sites in parallel."""
+    cores = os.cpu_count() or 1
+    threads = threads_per_site or max(1, cores // num_sites)
+    threads = min(threads, cores)
+    client_resources = {"num_cpus": threads, "num_gpus": 0.0}
+    if device_type == "cuda":
+        client_resources["num_gpus"] = 1.0 / min(num_sites, 4)
+    init_args = {"num_cpus": cores, "include_dashboard": False, "logging_level": logging.WARNING}
+    return threads, {"client_resources": client_resources, "init_args": init_args}
+
+
+@dataclass
+class SimulationOutcome:
+    """What a finished skin-fl-sim run produced."""
+
+    run_folder: Path
+    run: RunConfig
+    sites: object
+    summary: dict
+
+
+def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
+    """Everything skin-fl-sim does: prepare sites, federate, optionally pool, print and save."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise SkinFLError("the simulation engine needs Ray: pip install 'skin-fl[simulation]' (or pip install -e '.[simulation]')")
+    from flwr.simulation import run_simulation
+
+    from client.app import create_client_app
+    from client.site_source import SimulationSites
+    from server.app import create_server_app, new_run_folder
+    from server.history import MetricHistory, write_json_atomically
+    from shared.device import default_image_size, resolve_device
+    from simulation.centralised import train_centralised
+    from simulation.report import format_result_table, site_metrics_from_flower
+    from simulation.sites import partition_sites, prepare_simulated_sites
+
+    device = resolve_device(args.device)
+    table = load_table(args)
+    run = run_config_from_args(args, table.classes, default_image_size(device))
+    names_sites = args.partition_column in table.frame and (table.frame[args.partition_column] != "").all()
+    partition = args.partition or ("natural" if names_sites else "dirichlet")
+    if partition == "dirichlet" and args.num_sites is None:
+        args.num_sites = 3
+    sites = partition_sites(
+        table, partition=partition, num_sites=args.num_sites, alpha=args.alpha, column=args.partition_column, seed=run.seed
+    )
+    run_folder = new_run_folder(args.runs_dir, args.name)
+    threads, backend_config = simulation_resources(len(sites), device.type, args.threads_per_site)
+    print(f"Run folder: {run_folder}")
+    print(f"{len(sites)} sites ({partition} partition), {len(table)} images, classes {', '.join(run.classes)}")
+    simulated = prepare_simulated_sites(
+        sites, run, run_folder=run_folder, cache_root=Path(args.cache_dir) / "images", threads_per_site=threads, skip_bad=args.skip_bad
+    )
+    print("Images per site and class:\n" + simulated.count_table)
+
+    started = time.monotonic()
+    run_simulation(
+        server_app=create_server_app(run, run_folder, num_sites=len(sites)),
+        client_app=create_client_app(SimulationSites(simulated.manifest_path)),
+        num_supernodes=len(sites),
+        backend_config=backend_config,
+    )
+    federated_seconds = time.monotonic() - started
+    history = MetricHistory(run_folder)
+    history_path = run_folder / "history.json"
+    if not history_path.exists():
+        raise SkinFLError(f"the federation finished no round; see the site errors in the log above ({run_folder})")
+    import json
+
+    history.rounds = {entry["round"]: entry for entry in json.loads(history_path.read_text())["rounds"]}
+    aggregate, per_site = history.last_evaluation()
+    if not per_site:
+        raise SkinFLError(f"no site evaluated the global model; see the site errors in the log above ({run_folder})")
+    summary = {"federated": {"wall_seconds": federated_seconds, "final": aggregate}}
+    print()
+    print(
+        format_result_table(
+            f"Federated ({run.federation.strategy}, {run.federation.rounds} rounds x {run.train.local_epochs} local epochs) "
+            f"- global model on each site's test split",
+            {site: site_metrics_from_flower(metrics) for site, metrics in per_site.items()},
+            site_metrics_from_flower(aggregate),
+        )
+    )
+    print(f"federated wall time: {federated_seconds:.1f} s")
+    if args.centralised:
+        pooled = train_centralised(run, simulated.images, run_folder)
+        summary["centralised"] = {"wall_seconds": pooled["wall_seconds"], "final": pooled["final"]["evaluate"]}
+        print()
+        print(
+            format_result_table(
+                f"Pooled (centralised, {run.federation.rounds * run.train.local_epochs} epochs) - same test splits",
+                pooled["final"]["sites"],
+                pooled["final"]["evaluate"],
+            )
+        )
+        print(f"pooled wall time: {pooled['wall_seconds']:.1f} s; federated / pooled: {federated_seconds / pooled['wall_seconds']:.2f}x")
+    write_json_atomically(run_folder / "summary.json", summary)
+    print(f"\nRun folder: {run_folder} (config, per-round and per-site metrics, metrics.png, final_model.pt)")
+    return SimulationOutcome(run_folder, run, simulated, summary)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of skin-fl-sim."""
+    args = build_parser().parse_args(argv)
+    try:
+        run_simulation_command(args)
+    except SkinFLError as error:
+        print(f"skin-fl-sim: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

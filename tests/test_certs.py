@@ -1,0 +1,152 @@
+"""skin-fl-certs: the CA, server certificate and node keys verify, load in Flower, and are written safely."""
+
+import argparse
+import datetime
+import ipaddress
+import socket
+import ssl
+import stat
+import threading
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.verification import PolicyBuilder, Store
+from flwr.cli.supernode.register import try_load_public_key
+from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
+
+from server.certs import add_site, init_credentials, main, site_file_stem
+from shared.errors import ConfigError
+
+
+def _certificate(path):
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _mode(path):
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def credentials(tmp_path):
+    """A credentials folder for two sites, one with a space and an apostrophe in its name."""
+    out_dir = tmp_path / "creds"
+    init_credentials(out_dir, ["fl.hospital.org", "10.0.0.5"], ["St Mary's", "north"], days=30)
+    return out_dir
+
+
+def test_server_certificate_chain_verifies_against_the_ca_for_every_name(credentials):
+    ca_cert, server_cert = _certificate(credentials / "ca.crt"), _certificate(credentials / "server.crt")
+    store = Store([ca_cert])
+    for subject in [x509.DNSName("fl.hospital.org"), x509.DNSName("localhost")]:
+        chain = PolicyBuilder().store(store).build_server_verifier(subject).verify(server_cert, [])
+        assert chain[-1] == ca_cert
+    for address in ["10.0.0.5", "127.0.0.1"]:
+        subject = x509.IPAddress(ipaddress.ip_address(address))
+        PolicyBuilder().store(store).build_server_verifier(subject).verify(server_cert, [])
+    with pytest.raises(x509.verification.VerificationError):
+        PolicyBuilder().store(store).build_server_verifier(x509.DNSName("other.org")).verify(server_cert, [])
+
+
+def test_ca_is_a_signing_authority_and_san_holds_given_names_plus_loopback(credentials):
+    ca_cert, server_cert = _certificate(credentials / "ca.crt"), _certificate(credentials / "server.crt")
+    assert ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert ca_cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    names = server_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["fl.hospital.org", "localhost"]
+    assert [str(address) for address in names.get_values_for_type(x509.IPAddress)] == ["10.0.0.5", "127.0.0.1"]
+
+
+def test_tls_handshake_to_127_0_0_1_succeeds_with_the_ca(credentials):
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(credentials / "server.crt", credentials / "server.key")
+    client_context = ssl.create_default_context(cafile=str(credentials / "ca.crt"))
+    server_socket, client_socket = socket.socketpair()
+    with server_socket, client_socket:
+        def serve() -> None:
+            with server_context.wrap_socket(server_socket, server_side=True) as tls:
+                tls.recv(1)
+
+        handshake = threading.Thread(target=serve)
+        handshake.start()
+        with client_context.wrap_socket(client_socket, server_hostname="127.0.0.1") as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+            tls.sendall(b"x")
+        handshake.join(timeout=5)
+
+
+def test_node_keys_load_with_flowers_own_loaders_and_match(credentials):
+    stem = site_file_stem("St Mary's")
+    private_key, public_key = _try_setup_client_authentication(
+        argparse.Namespace(auth_supernode_private_key=str(credentials / "sites" / f"{stem}.key"),
+                           auth_supernode_public_key=None)
+    )
+    assert isinstance(private_key.curve, ec.SECP384R1)
+    registered = try_load_public_key(credentials / "sites" / f"{stem}.pub")
+    assert registered == public_key_to_bytes(public_key)
+
+
+def test_secret_files_are_owner_only_and_public_files_world_readable(credentials):
+    for secret in ["ca.key", "server.key", "sites/st-marys.key", "sites/north.key"]:
+        assert _mode(credentials / secret) == 0o600, secret
+    for public in ["ca.crt", "server.crt", "sites/st-marys.pub", "README.txt"]:
+        assert _mode(credentials / public) == 0o644, public
+
+
+def test_days_set_the_validity_of_both_certificates(credentials):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    expected_end = now + datetime.timedelta(days=30)
+    for name in ["ca.crt", "server.crt"]:
+        certificate = _certificate(credentials / name)
+        assert abs(certificate.not_valid_after_utc - expected_end) < datetime.timedelta(minutes=1)
+        assert certificate.not_valid_before_utc < now
+
+
+def test_init_refuses_to_overwrite_without_force_and_replaces_with_it(credentials):
+    old_ca = (credentials / "ca.crt").read_bytes()
+    with pytest.raises(ConfigError, match=r"ca\.key.*already exist.*--force"):
+        init_credentials(credentials, ["fl.hospital.org"], ["north"])
+    assert (credentials / "ca.crt").read_bytes() == old_ca
+    init_credentials(credentials, ["fl.hospital.org"], ["north"], force=True)
+    assert (credentials / "ca.crt").read_bytes() != old_ca
+    assert _mode(credentials / "ca.key") == 0o600
+
+
+def test_add_site_writes_one_more_key_pair_and_lists_it(credentials, capsys):
+    assert main(["add-site", "--out", str(credentials), "--site", "Hôpital Est"]) == 0
+    printed = capsys.readouterr().out
+    assert 'Site "Hôpital Est" (runs skin-fl-client --site "Hôpital Est")' in printed
+    assert "sites/hopital-est.key" in printed
+    assert _mode(credentials / "sites" / "hopital-est.key") == 0o600
+    readme = (credentials / "README.txt").read_text(encoding="utf-8")
+    assert 'site "Hôpital Est"' in readme and "St Mary's" in readme
+    with pytest.raises(ConfigError, match=r"hopital-est\.key.*--force"):
+        add_site(credentials, "Hôpital Est")
+
+
+def test_site_names_that_share_a_file_name_are_refused(credentials):
+    with pytest.raises(ConfigError, match=r"already holds the key of site \"St Mary's\""):
+        add_site(credentials, "St Mary’s", force=True)
+
+
+def test_listing_says_which_files_go_to_which_machine(credentials):
+    readme = (credentials / "README.txt").read_text(encoding="utf-8")
+    files_by_section = {
+        block.splitlines()[0]: [line.split()[0] for line in block.splitlines()[1:]] for block in readme.split("\n\n")
+    }
+    assert files_by_section["Coordinator (runs skin-fl-server):"] == [
+        "ca.crt", "server.crt", "server.key", "sites/north.pub", "sites/st-marys.pub"
+    ]
+    assert files_by_section['Site "north" (runs skin-fl-client --site north):'] == ["ca.crt", "sites/north.key"]
+    assert files_by_section['Site "St Mary\'s" (runs skin-fl-client --site "St Mary\'s"):'] == [
+        "ca.crt", "sites/st-marys.key"
+    ]
+
+
+def test_bad_server_name_and_days_are_refused(tmp_path, capsys):
+    assert main(["init", "--out", str(tmp_path), "--server-name", "https://fl.org:8000", "--site", "a"]) == 2
+    assert "no https://, no port" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--days 0"):
+        init_credentials(tmp_path, ["fl.org"], ["a"], days=0)
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,61 @@
+"""End to end: a real Flower simulation of 3 demo sites x 2 rounds, pooled baseline, then skin-fl-eval."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from shared.data.demo import write_demo_dataset
+from shared.models.classifier import load_classifier
+
+pytestmark = pytest.mark.slow
+
+
+def _ray_processes() -> set[str]:
+    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in listing.splitlines() if "raylet" in line or "gcs_server" in line}
+
+
+def _run(args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+def test_three_site_simulation_writes_the_run_folder_and_scores_an_unseen_folder(tmp_path):
+    ray_before = _ray_processes()
+    result = _run(
+        [
+            "-m", "simulation.cli",
+            "--demo-images", "150", "--rounds", "2", "--image-size", "64", "--batch-size", "16",
+            "--centralised", "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "overall" in result.stdout and "Pooled (centralised" in result.stdout
+    (run_folder,) = (tmp_path / "runs").iterdir()
+
+    history = json.loads((run_folder / "history.json").read_text())["rounds"]
+    assert [entry["round"] for entry in history] == [1, 2]
+    for entry in history:
+        assert len(entry["train_sites"]) == 3 and len(entry["evaluate_sites"]) == 3
+        assert 0.0 <= entry["evaluate"]["balanced-accuracy"] <= 1.0
+    for name in ("config.json", "metrics_per_round.csv", "metrics_per_site.csv", "metrics.png",
+                 "site_class_counts.csv", "site_class_counts.txt", "summary.json",
+                 "checkpoints/round_001.pt", "checkpoints/round_002.pt", "centralised/final_model.pt"):
+        assert (run_folder / name).is_file(), name
+    model, saved = load_classifier(run_folder / "final_model.pt")
+    assert saved.classes == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert saved.preprocess.image_size == 64
+    assert _ray_processes() <= ray_before, "skin-fl-sim left Ray processes running"
+
+    unseen = write_demo_dataset(tmp_path / "unseen", format="folder", num_images=60, seed=7)
+    evaluation = _run(
+        ["-m", "client.evaluate_cli", str(run_folder / "final_model.pt"), "--data", str(unseen),
+         "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "eval.json")],
+        cwd=tmp_path,
+    )
+    assert evaluation.returncode == 0, evaluation.stdout[-3000:] + evaluation.stderr[-3000:]
+    scored = json.loads((tmp_path / "eval.json").read_text())
+    assert scored["metrics"]["num_examples"] == 60
+    assert "balanced accuracy" in evaluation.stdout
