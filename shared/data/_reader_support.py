@@ -224,3 +224,39 @@ def build_table(
         columns=list(TABLE_COLUMNS),
     )
     return ImageTable(frame=frame, classes=list(classes), format=format_name, root=root, skipped=list(skipped))
+
+
+def read_labelled_csv_table(
+    root: Path,
+    csv_file: CsvFile,
+    *,
+    id_column: str,
+    label_of: Callable[[dict[str, str]], str],
+    image_folders: Iterable[str],
+    group_and_site_of: Callable[[LabelledRow], tuple[str, str]],
+    classes: list[str],
+    format_name: str,
+    skip_bad: bool,
+) -> ImageTable:
+    """The table of a reader whose labels come from one CSV: label, image lookup, bad rows, grouping."""
+    bad_rows = BadRows(skip_bad)
+    rows = labelled_image_rows(
+        csv_file, id_column=id_column, label_of=label_of, locator=ImageLocator(root, image_folders), bad_rows=bad_rows
+    )
+    skipped = bad_rows.raise_unless_skipping()
+    entries = []
+    for row in rows:
+        group, site = group_and_site_of(row)
+        entries.append(
+            TableEntry(
+                source=row.source, image_id=row.image_id, path=row.path, label=row.label, group=group or row.image_id, site=site
+            )
+        )
+    return build_table(
+        entries,
+        classes=classes,
+        format_name=format_name,
+        root=root,
+        skipped=skipped,
+        empty_fix=f"{csv_file.path.name} needs at least one row whose image exists",
+    )

@@ -17,16 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.data._reader_support import (
-    BadRows,
-    ImageLocator,
-    TableEntry,
-    UnknownLabel,
-    build_table,
-    labelled_image_rows,
-    read_csv_file,
-    require_folder,
-)
+from shared.data._reader_support import UnknownLabel, read_csv_file, read_labelled_csv_table, require_folder
 from shared.data.records import ImageTable
 
 HAM10000_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
@@ -55,27 +46,14 @@ def read_ham10000(root: Path, *, skip_bad: bool = False) -> ImageTable:
     metadata = read_csv_file(
         root / METADATA_FILE, ("lesion_id", "image_id", "dx"), what="HAM10000 metadata file of the Dataverse or Kaggle download"
     )
-    bad_rows = BadRows(skip_bad)
-    rows = labelled_image_rows(
-        metadata, id_column="image_id", label_of=_ham10000_label, locator=ImageLocator(root, IMAGE_FOLDERS), bad_rows=bad_rows
-    )
-    skipped = bad_rows.raise_unless_skipping()
-    entries = [
-        TableEntry(
-            source=row.source,
-            image_id=row.image_id,
-            path=row.path,
-            label=row.label,
-            group=row.values["lesion_id"] or row.image_id,
-            site=row.values.get("dataset", ""),
-        )
-        for row in rows
-    ]
-    return build_table(
-        entries,
+    return read_labelled_csv_table(
+        root,
+        metadata,
+        id_column="image_id",
+        label_of=_ham10000_label,
+        image_folders=IMAGE_FOLDERS,
+        group_and_site_of=lambda row: (row.values["lesion_id"], row.values.get("dataset", "")),
         classes=HAM10000_CLASSES,
         format_name="ham10000",
-        root=root,
-        skipped=skipped,
-        empty_fix=f"{METADATA_FILE} needs at least one row whose image exists",
+        skip_bad=skip_bad,
     )

@@ -15,16 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.data._reader_support import (
-    BadRows,
-    ImageLocator,
-    TableEntry,
-    UnknownLabel,
-    build_table,
-    labelled_image_rows,
-    read_csv_file,
-    require_folder,
-)
+from shared.data._reader_support import UnknownLabel, read_csv_file, read_labelled_csv_table, require_folder
 from shared.data.records import ImageTable
 from shared.errors import DataError
 
@@ -103,29 +94,19 @@ def read_isic2019(root: Path, *, skip_bad: bool = False) -> ImageTable:
         root / GROUND_TRUTH_FILE, ("image", *ISIC2019_CLASS_MAP), what="ISIC 2019 training ground truth (one-hot) file"
     )
     metadata, site_column = _read_metadata(root)
-    bad_rows = BadRows(skip_bad)
-    rows = labelled_image_rows(
-        ground_truth, id_column="image", label_of=_one_hot_label, locator=ImageLocator(root, IMAGE_FOLDERS), bad_rows=bad_rows
-    )
-    skipped = bad_rows.raise_unless_skipping()
-    entries = []
-    for row in rows:
+
+    def group_and_site_of(row) -> tuple[str, str]:
         extra = metadata.get(row.image_id, {})
-        entries.append(
-            TableEntry(
-                source=row.source,
-                image_id=row.image_id,
-                path=row.path,
-                label=row.label,
-                group=extra.get("lesion_id", "") or row.image_id,
-                site=_site(extra, site_column),
-            )
-        )
-    return build_table(
-        entries,
+        return extra.get("lesion_id", ""), _site(extra, site_column)
+
+    return read_labelled_csv_table(
+        root,
+        ground_truth,
+        id_column="image",
+        label_of=_one_hot_label,
+        image_folders=IMAGE_FOLDERS,
+        group_and_site_of=group_and_site_of,
         classes=ISIC2019_CLASSES,
         format_name="isic2019",
-        root=root,
-        skipped=skipped,
-        empty_fix=f"{GROUND_TRUTH_FILE} needs at least one row whose image exists",
+        skip_bad=skip_bad,
     )

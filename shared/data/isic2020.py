@@ -13,16 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.data._reader_support import (
-    BadRows,
-    ImageLocator,
-    TableEntry,
-    UnknownLabel,
-    build_table,
-    labelled_image_rows,
-    read_csv_file,
-    require_folder,
-)
+from shared.data._reader_support import UnknownLabel, read_csv_file, read_labelled_csv_table, require_folder
 from shared.data.records import ImageTable
 
 ISIC2020_CLASSES = ["benign", "malignant"]
@@ -48,27 +39,14 @@ def read_isic2020(root: Path, *, skip_bad: bool = False) -> ImageTable:
     labels = read_csv_file(
         root / LABELS_FILE, ("image_name", "patient_id", "target"), what="ISIC 2020 training labels file"
     )
-    bad_rows = BadRows(skip_bad)
-    rows = labelled_image_rows(
-        labels, id_column="image_name", label_of=_target_label, locator=ImageLocator(root, IMAGE_FOLDERS), bad_rows=bad_rows
-    )
-    skipped = bad_rows.raise_unless_skipping()
-    entries = [
-        TableEntry(
-            source=row.source,
-            image_id=row.image_id,
-            path=row.path,
-            label=row.label,
-            group=row.values["patient_id"] or row.image_id,
-            site="",
-        )
-        for row in rows
-    ]
-    return build_table(
-        entries,
+    return read_labelled_csv_table(
+        root,
+        labels,
+        id_column="image_name",
+        label_of=_target_label,
+        image_folders=IMAGE_FOLDERS,
+        group_and_site_of=lambda row: (row.values["patient_id"], ""),
         classes=ISIC2020_CLASSES,
         format_name="isic2020",
-        root=root,
-        skipped=skipped,
-        empty_fix=f"{LABELS_FILE} needs at least one row whose image exists",
+        skip_bad=skip_bad,
     )
