@@ -10,11 +10,18 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.gan_handlers import register_gan_handlers, site_training_images
+from client.privacy_round import private_round_trainer
+from client.report import FINAL_REPORT_KEY, site_report_folder, write_end_of_run_report
 from client.site_source import NodeConfigSite, SimulationSites
 from shared.config import RoundInstructions
+from shared.data.cache import concatenate
+from shared.data.feedback import feedback_summary
 from shared.device import resolve_device
 from shared.local_training import evaluate_on_images, precision_for, train_on_images
 from shared.models.classifier import build_classifier
+from shared.privacy.model_preparation import prepare_for_private_training
+from shared.privacy.training import private_train_metrics
 from shared.weights import load_arrays_into, model_to_arrays
 
 INSTRUCTIONS_KEY = "instructions"
@@ -27,6 +34,8 @@ def _nan_if_none(value) -> float:
 def _global_model(message: Message, instructions: RoundInstructions, device: torch.device):
     run = instructions.run
     model = build_classifier(run.model, num_classes=len(run.classes))
+    if run.privacy.mode != "off":
+        prepare_for_private_training(model)
     arrays = {name: array.numpy() for name, array in message.content["arrays"].items()}
     load_arrays_into(model, arrays)
     return model.to(device), arrays
@@ -61,10 +70,16 @@ def create_client_app(site_source: SimulationSites | NodeConfigSite | None = Non
         site = source.load(context, run)
         device = resolve_device(run.train.device)
         model, arrays = _global_model(message, instructions, device)
-        train_images = site.images.select("train")
-        precision = precision_for(model, run.train, device, run.preprocess.image_size)
+        train_images = site_training_images(source, context, site, run)
+        feedback_examples = site.feedback.used if site.feedback is not None else 0
+        if site.feedback is not None and site.feedback.images is not None:
+            train_images = concatenate([train_images, site.feedback.images])
+        precision = precision_for(model, run.train, device, run.preprocess.image_size, private=run.privacy.local)
         proximal = run.train.proximal_mu > 0
-        result = train_on_images(
+        train_round = train_on_images
+        if run.privacy.local:
+            train_round = private_round_trainer(source, context, message, site.name, run, instructions.server_round)
+        result = train_round(
             model,
             train_images,
             config=run.train,
@@ -89,6 +104,8 @@ def create_client_app(site_source: SimulationSites | NodeConfigSite | None = Non
                         "train-loss": float(result.loss),
                         "train-seconds": float(result.seconds),
                         "images-per-second": float(result.images_per_second),
+                        "feedback-examples": int(feedback_examples),
+                        **private_train_metrics(result),
                     }
                 ),
                 "site": ConfigRecord({"name": site.name, "precision": precision.name, "device": str(device)}),
@@ -106,9 +123,17 @@ def create_client_app(site_source: SimulationSites | NodeConfigSite | None = Non
         test_images = site.images.select("test")
         precision = precision_for(model, run.train, device, run.preprocess.image_size)
         metrics = evaluate_on_images(model, test_images, batch_size=run.train.batch_size * 2, device=device, precision=precision)
+        if message.content["config"].get(FINAL_REPORT_KEY, False):
+            # The report stays on this machine; the reply carries the same aggregate metrics as every round.
+            folder = site_report_folder(source, context, site.name)
+            write_end_of_run_report(
+                folder, model, run, test_images, site=site.name, server_round=instructions.server_round,
+                extra=feedback_summary(site.feedback),
+            )
         reply = RecordDict({"metrics": evaluation_metric_record(metrics), "site": ConfigRecord({"name": site.name})})
         return Message(reply, reply_to=message)
 
+    register_gan_handlers(app, source)
     return app
 
 

@@ -19,7 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="skin-fl-eval",
         description="Score a saved skin-fl model (e.g. a run's final_model.pt) on a dataset folder; every image is test data.",
     )
-    parser.add_argument("model", type=Path, help="saved model file (final_model.pt or a round checkpoint)")
+    parser.add_argument(
+        "model", type=Path, nargs="+",
+        help="saved model file(s) (final_model.pt, round checkpoints) or run folders; several are averaged as an ensemble",
+    )
+    parser.add_argument("--last", type=int, help="with a run folder: average its last K round checkpoints")
     parser.add_argument("--data", type=Path, required=True, help="dataset folder in any supported format")
     parser.add_argument("--format", choices=["ham10000", "isic2019", "isic2020", "folder"], help="dataset format (detected when omitted)")
     parser.add_argument("--output", type=Path, help="metrics JSON to write (default: <model folder>/eval_<data folder name>.json)")
@@ -50,39 +54,63 @@ def _restrict_to_model_classes(table, classes: list[str], skip_bad: bool):
     return kept
 
 
-def evaluate_saved_model(args: argparse.Namespace) -> dict:
-    """Load the model, read and cache the data as one test split, and compute the metrics."""
+def read_test_images(data: Path, data_format: str | None, saved, cache_dir: Path, skip_bad: bool):
+    """Every image of a dataset folder as one cached test split in the model's classes and preprocessing.
+
+    Returns (format, table, images).
+    """
     import hashlib
 
     from shared.data.readers import detect_format, read_dataset
-    from shared.device import resolve_device
-    from shared.local_training import evaluate_on_images, precision_for
-    from shared.models.classifier import load_classifier
     from shared.site_data import prepare_site_images
 
-    device = resolve_device(args.device)
-    model, saved = load_classifier(args.model, device=str(device))
-    data_format = args.format or detect_format(args.data)
-    table = read_dataset(args.data, data_format, skip_bad=args.skip_bad)
-    table = _restrict_to_model_classes(table, saved.classes, args.skip_bad)
+    data_format = data_format or detect_format(data)
+    table = read_dataset(data, data_format, skip_bad=skip_bad)
+    table = _restrict_to_model_classes(table, saved.classes, skip_bad)
     table.frame["split"] = "test"
-    folder_key = hashlib.sha256(str(Path(args.data).resolve()).encode()).hexdigest()[:12]
+    folder_key = hashlib.sha256(str(Path(data).resolve()).encode()).hexdigest()[:12]
     images = prepare_site_images(
         table,
-        site=f"eval-{Path(args.data).name}-{folder_key}",
+        site=f"eval-{Path(data).name}-{folder_key}",
         classes=saved.classes,
         split_fractions=(0.7, 0.15, 0.15),
         seed=0,
-        cache_root=Path(args.cache_dir) / "images",
+        cache_root=Path(cache_dir) / "images",
         preprocess=saved.preprocess,
-        skip_bad=args.skip_bad,
+        skip_bad=skip_bad,
     )
-    from shared.config import TrainConfig
+    return data_format, table, images
 
-    precision = precision_for(model, TrainConfig(amp="auto", device=args.device), device, saved.preprocess.image_size)
-    metrics = evaluate_on_images(model, images, batch_size=args.batch_size, device=device, precision=precision)
+
+def evaluate_saved_model(args: argparse.Namespace) -> dict:
+    """Load the model(s), read and cache the data as one test split, and compute the metrics."""
+    import numpy as np
+
+    from client.report import predict_images
+    from shared.device import resolve_device
+    from shared.ensemble import Ensemble, expand_model_paths
+    from shared.isic_metrics import isic_scores
+    from shared.metrics import classification_metrics
+
+    device = resolve_device(args.device)
+    paths = expand_model_paths(args.model, args.last)
+    ensemble = Ensemble.load(paths, device=str(device))
+    saved = ensemble.saved
+    data_format, table, images = read_test_images(args.data, args.format, saved, args.cache_dir, args.skip_bad)
+    probabilities = predict_images(ensemble, images, args.batch_size)
+    metrics = classification_metrics(images.labels, probabilities, saved.classes)
+    true_class_probabilities = probabilities[np.arange(len(images)), np.asarray(images.labels, dtype=np.int64)]
+    metrics["loss"] = float(-np.log(np.clip(true_class_probabilities, 1e-12, None)).mean())
+    metrics["isic"] = isic_scores(images.labels, probabilities, saved.classes)
     skipped = [{"source": row.source, "reason": row.reason} for row in table.skipped + list(images.skipped)]
-    return {"model": str(args.model), "data": str(args.data), "format": data_format, "skipped": skipped, "metrics": metrics}
+    return {
+        "model": str(paths[0]),
+        "models": [str(path) for path in paths],
+        "data": str(args.data),
+        "format": data_format,
+        "skipped": skipped,
+        "metrics": metrics,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if result["skipped"]:
         print(f"skipped {len(result['skipped'])} images (listed in the JSON)")
-    output = args.output or args.model.parent / f"eval_{args.data.name}.json"
+    if len(result["models"]) > 1:
+        print(f"ensemble of {len(result['models'])} models (mean probabilities)")
+    output = args.output or Path(result["model"]).parent / f"eval_{args.data.name}.json"
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"metrics written to {output}")
     return 0

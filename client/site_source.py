@@ -10,27 +10,52 @@ from flwr.app import Context
 
 from shared.config import RunConfig
 from shared.data.cache import CachedImages
+from shared.data.feedback import FeedbackImages, prepare_feedback_images
 from shared.data.readers import read_dataset
 from shared.device import configure_cpu_threads
 from shared.errors import ConfigError
 from shared.site_data import load_table_csv, prepare_site_images
 
 DEFAULT_CACHE_ROOT = Path.home() / ".cache" / "skin-fl" / "images"
+DEFAULT_PRIVACY_ROOT = Path.home() / ".local" / "state" / "skin-fl" / "privacy"
+"""Where a site keeps its DP-SGD privacy ledgers unless the node config names `privacy-dir`."""
 
 
 @dataclass
 class SiteImages:
-    """A site's name and its cached images (all splits)."""
+    """A site's name, its cached images (all splits) and, when enabled, its clinicians' feedback cases."""
 
     name: str
     images: CachedImages
+    feedback: FeedbackImages | None = None
+
+
+def attach_feedback(
+    site: SiteImages, store_path, *, run_id, run: RunConfig, cache_root: Path, skip_bad: bool, memo: dict
+) -> SiteImages:
+    """The site with the feedback store's labelled cases as extra training data, read once per run."""
+    if not store_path:
+        return site
+    key = (run_id, site.name, str(store_path), run.preprocess.model_dump_json())
+    if key not in memo:
+        # Read once per run, so a case labelled while the run is going joins the next run, not mid-run.
+        memo[key] = prepare_feedback_images(
+            Path(str(store_path)), site=site.name, site_images=site.images, preprocess=run.preprocess,
+            cache_root=cache_root, skip_bad=skip_bad,
+        )
+    return SiteImages(site.name, site.images, memo[key])
 
 
 @dataclass
 class NodeConfigSite:
-    """A hospital site: `site`, `data-dir`, `format` (and optional `cache-dir`, `skip-bad`) in the node config."""
+    """A hospital site: `site`, `data-dir`, `format` (and optional `cache-dir`, `skip-bad`, `feedback-store`) in the node config.
+
+    `feedback-store` names the web app's cases.sqlite: its confirmed and corrected cases join the
+    site's training split.
+    """
 
     _loaded: dict = field(default_factory=dict, repr=False)
+    _feedback: dict = field(default_factory=dict, repr=False)
 
     def load(self, context: Context, run: RunConfig) -> SiteImages:
         """Read, split and cache the site's dataset (reused while nothing changes)."""
@@ -56,7 +81,15 @@ class NodeConfigSite:
                 progress=False,
             )
             self._loaded[key] = SiteImages(str(node["site"]), images)
-        return self._loaded[key]
+        return attach_feedback(
+            self._loaded[key], node.get("feedback-store"), run_id=context.run_id, run=run,
+            cache_root=Path(str(node.get("cache-dir", DEFAULT_CACHE_ROOT))), skip_bad=bool(node.get("skip-bad", False)),
+            memo=self._feedback,
+        )
+
+    def privacy_state_dir(self, context: Context) -> Path:
+        """The site-local folder of its privacy ledgers: node config `privacy-dir`, else DEFAULT_PRIVACY_ROOT."""
+        return Path(str(context.node_config.get("privacy-dir", DEFAULT_PRIVACY_ROOT))).expanduser()
 
 
 @dataclass
@@ -64,11 +97,13 @@ class SimulationSites:
     """Virtual sites of a simulation: `partition-id` indexes the sites of a manifest JSON file.
 
     The manifest lists, per site, its name and its split table CSV, plus the cache root and
-    the CPU threads each virtual site may use.
+    the CPU threads each virtual site may use; a site's optional `feedback_store` adds its
+    clinicians' labelled cases to its training split.
     """
 
     manifest_path: Path
     _loaded: dict = field(default_factory=dict, repr=False)
+    _feedback: dict = field(default_factory=dict, repr=False)
 
     def load(self, context: Context, run: RunConfig) -> SiteImages:
         """The cached images of the site behind this virtual node."""
@@ -90,4 +125,11 @@ class SimulationSites:
                 progress=False,
             )
             self._loaded[key] = SiteImages(entry["name"], images)
-        return self._loaded[key]
+        return attach_feedback(
+            self._loaded[key], entry.get("feedback_store"), run_id=context.run_id, run=run,
+            cache_root=Path(manifest["cache_root"]), skip_bad=False, memo=self._feedback,
+        )
+
+    def privacy_state_dir(self, context: Context) -> Path:
+        """The virtual sites' privacy ledgers: beside the manifest, in the simulation's run folder."""
+        return Path(self.manifest_path).parent / "privacy"

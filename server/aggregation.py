@@ -12,6 +12,8 @@ from shared.metrics import metrics_from_confusion
 CONFUSION_KEY = "confusion-matrix"
 WEIGHT_KEY = "num-examples"
 _SECONDS_KEYS = ("train-seconds",)
+_MAXIMUM_KEYS = ("epsilon", "epsilon-next-round", "delta")
+"""Privacy figures: the round's guarantee is the weakest site's, so they aggregate to the maximum."""
 
 
 def _metric_record(record: RecordDict) -> MetricRecord:
@@ -43,7 +45,7 @@ def aggregate_site_metrics(records: list[RecordDict], weighted_by_key: str = WEI
         values = [metric[key] for metric in metrics]
         if key == CONFUSION_KEY:
             continue
-        if key in _SECONDS_KEYS:
+        if key in _SECONDS_KEYS or key in _MAXIMUM_KEYS:
             aggregated[key] = float(max(values))
         elif isinstance(values[0], list):
             columns = zip(*values, strict=True)

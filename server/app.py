@@ -12,12 +12,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.checkpoint import CheckpointWriter
+from server.gan_phase import feature_classifier_for, run_gan_phase
 from server.history import MetricHistory, write_json_atomically
+from server.site_reports import request_site_reports
+from server.privacy_budget import budget_stop_metadata, start_within_budget
 from server.plots import plot_history
+from server.resume import find_resume_point, gan_phase_needed, note_resume, restore_history
+from server.run_config_file import RESUME_KEY
 from server.strategy import build_strategy
 from shared.config import RunConfig, run_config_from_flower
 from shared.local_training import seed_everything
 from shared.models.classifier import build_classifier
+from shared.privacy.model_preparation import prepare_for_private_training
 from shared.weights import model_to_arrays
 
 RUNS_DIR_ENV = "SKIN_FL_RUNS_DIR"
@@ -36,44 +42,78 @@ def new_run_folder(root: Path, name: str = "run") -> Path:
     return folder
 
 
-def run_federation(grid: Grid, run: RunConfig, run_folder: Path, num_sites: int | None = None) -> MetricHistory:
-    """Train the classifier federatedly over the sites behind `grid`; returns the history."""
+def run_federation(
+    grid: Grid, run: RunConfig, run_folder: Path, num_sites: int | None = None, resume_folder: Path | None = None
+) -> MetricHistory:
+    """Train the classifier federatedly over the sites behind `grid`; returns the history.
+
+    With `resume_folder` the run continues that folder after its last completed round, with the
+    folder's own settings, weights and history (`run` and `run_folder` are then not used).
+    """
+    resume = find_resume_point(resume_folder) if resume_folder is not None else None
+    if resume is not None:
+        note_resume(resume, submitted=run)
+        run, run_folder = resume.run, resume.run_folder
     run_folder = Path(run_folder)
     run_folder.mkdir(parents=True, exist_ok=True)
     write_json_atomically(run_folder / "config.json", run.model_dump(mode="json"))
     seed_everything(run.seed)
     model = build_classifier(run.model, num_classes=len(run.classes))
-    history = MetricHistory(run_folder)
+    if run.privacy.mode != "off":
+        prepare_for_private_training(model)
+    history = MetricHistory(run_folder) if resume is None else restore_history(resume)
+    if run.gan.active and gan_phase_needed(resume):
+        run_gan_phase(grid, run, run_folder, feature_classifier_for(run, model), num_sites=num_sites)
+        if run.gan.only:
+            return history
     checkpoints = CheckpointWriter(run_folder, model, run)
-    strategy = build_strategy(run, history, checkpoints, num_sites=num_sites)
-    initial = ArrayRecord({name: Array(array) for name, array in model_to_arrays(model).items()})
+    completed_rounds = resume.completed_rounds if resume is not None else 0
+    strategy = build_strategy(run, history, checkpoints, num_sites=num_sites, round_offset=completed_rounds)
+    start_arrays = resume.arrays if resume is not None and resume.arrays is not None else model_to_arrays(model)
+    initial = ArrayRecord({name: Array(array) for name, array in start_arrays.items()})
     started = time.monotonic()
-    result = strategy.start(
+    result = start_within_budget(
+        strategy,
         grid=grid,
         initial_arrays=initial,
-        num_rounds=run.federation.rounds,
+        num_rounds=run.federation.rounds - completed_rounds,
         timeout=run.federation.round_timeout_s,
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),
     )
-    final_arrays = result.arrays if result.arrays is not None else initial
+    # Flower's Result holds an empty ArrayRecord when no round produced new weights.
+    final_arrays = result.arrays if result.arrays is not None and len(result.arrays) > 0 else initial
     checkpoints.save_final(
-        final_arrays, {"rounds": run.federation.rounds, "wall_seconds": time.monotonic() - started}
+        final_arrays,
+        {"rounds": run.federation.rounds, "wall_seconds": time.monotonic() - started, **budget_stop_metadata(strategy)},
     )
     plot_history(history.as_list(), run_folder / "metrics.png")
+    if run.report.site_reports:
+        request_site_reports(grid, run, final_arrays, run_folder)
     return history
 
 
-def create_server_app(run: RunConfig | None = None, run_folder: Path | None = None, num_sites: int | None = None) -> ServerApp:
-    """A ServerApp bound to given settings (simulation) or reading Flower's run config (deployment)."""
+def create_server_app(
+    run: RunConfig | None = None,
+    run_folder: Path | None = None,
+    num_sites: int | None = None,
+    resume_folder: Path | None = None,
+) -> ServerApp:
+    """A ServerApp bound to given settings (simulation) or reading Flower's run config (deployment).
+
+    In deployment the run-config key `resume-folder` (empty: a new run) names a run folder to continue.
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        settings = run if run is not None else run_config_from_flower(dict(context.run_config))
-        folder = run_folder or new_run_folder(Path(os.environ.get(RUNS_DIR_ENV, "runs")))
+        flat = dict(context.run_config)
+        resume = resume_folder or (Path(str(flat.pop(RESUME_KEY))) if flat.get(RESUME_KEY) else None)
+        flat.pop(RESUME_KEY, None)
+        settings = run if run is not None else run_config_from_flower(flat)
+        folder = resume or run_folder or new_run_folder(Path(os.environ.get(RUNS_DIR_ENV, "runs")), name=f"run-{context.run_id}")
         logger.info("skin-fl run folder: %s", folder)
-        run_federation(grid, settings, folder, num_sites=num_sites)
+        run_federation(grid, settings, folder, num_sites=num_sites, resume_folder=resume)
 
     return app
 

@@ -34,21 +34,27 @@ class MetricHistory:
     def _round(self, server_round: int) -> dict:
         return self.rounds.setdefault(server_round, {"round": server_round, "train": {}, "evaluate": {}, "sites": {}})
 
-    def record_train(self, server_round: int, aggregate: dict, per_site: dict[str, dict], seconds: float) -> None:
-        """Store the aggregated and per-site training metrics of a round."""
+    def record_train(
+        self, server_round: int, aggregate: dict, per_site: dict[str, dict], seconds: float, missing: list[str] = ()
+    ) -> None:
+        """Store the aggregated and per-site training metrics of a round, and the asked sites that did not reply."""
         entry = self._round(server_round)
         entry["train"] = {key: _finite_or_none(value) for key, value in aggregate.items()}
         entry["train_sites"] = sorted(per_site)
+        entry["train_missing_sites"] = sorted(missing)
         entry["train_wall_seconds"] = seconds
         for site, metrics in per_site.items():
             entry["sites"].setdefault(site, {})["train"] = {k: _finite_or_none(v) for k, v in metrics.items()}
         self.save()
 
-    def record_evaluate(self, server_round: int, aggregate: dict, per_site: dict[str, dict], seconds: float) -> None:
-        """Store the aggregated and per-site evaluation metrics of a round."""
+    def record_evaluate(
+        self, server_round: int, aggregate: dict, per_site: dict[str, dict], seconds: float, missing: list[str] = ()
+    ) -> None:
+        """Store the aggregated and per-site evaluation metrics of a round, and the asked sites that did not reply."""
         entry = self._round(server_round)
         entry["evaluate"] = {key: _finite_or_none(value) for key, value in aggregate.items()}
         entry["evaluate_sites"] = sorted(per_site)
+        entry["evaluate_missing_sites"] = sorted(missing)
         entry["evaluate_wall_seconds"] = seconds
         for site, metrics in per_site.items():
             entry["sites"].setdefault(site, {})["evaluate"] = {k: _finite_or_none(v) for k, v in metrics.items()}
@@ -73,7 +79,12 @@ class MetricHistory:
         self._write_csv(
             self.run_folder / "metrics_per_round.csv",
             [
-                {"round": entry["round"], **_scalars(entry["train"], "train_"), **_scalars(entry["evaluate"], "eval_")}
+                {
+                    "round": entry["round"],
+                    **_scalars(entry["train"], "train_"),
+                    **_scalars(entry["evaluate"], "eval_"),
+                    **_participants(entry),
+                }
                 for entry in self.as_list()
             ],
         )
@@ -102,6 +113,12 @@ class MetricHistory:
             writer.writeheader()
             writer.writerows(rows)
         os.replace(temporary, path)
+
+
+def _participants(entry: dict) -> dict:
+    """Which sites trained and evaluated in a round, and which were asked but did not reply (';'-separated)."""
+    keys = ("train_sites", "train_missing_sites", "evaluate_sites", "evaluate_missing_sites")
+    return {key: ";".join(entry[key]) for key in keys if key in entry}
 
 
 def _scalars(metrics: dict, prefix: str) -> dict:

@@ -13,6 +13,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from server.aggregation import aggregate_site_metrics
 from server.checkpoint import CheckpointWriter
 from server.history import MetricHistory
+from server.central_privacy import with_central_privacy
+from server.privacy_budget import PrivacyBudget
 from shared.config import RoundInstructions, RunConfig
 
 INSTRUCTIONS_KEY = "instructions"
@@ -44,6 +46,10 @@ class RecordingMixin:
     run: RunConfig
     history: MetricHistory
     checkpoints: CheckpointWriter
+    round_offset: int = 0
+    """Rounds a resumed run already completed: Flower counts from 1 again, the run goes on from here."""
+    privacy_budget: PrivacyBudget | None = None
+    """Epsilon per site and the budget stop of a run with local DP (None without it)."""
 
     def setup_recording(self, run: RunConfig, history: MetricHistory, checkpoints: CheckpointWriter) -> None:
         """Attach the run settings and the run-folder writers."""
@@ -51,29 +57,52 @@ class RecordingMixin:
         self.history = history
         self.checkpoints = checkpoints
         self._phase_started = time.monotonic()
+        self._asked_nodes: set[int] = set()
+        self._site_of_node: dict[int, str] = {}
+
+    def _ask(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        self._asked_nodes = {message.metadata.dst_node_id for message in messages}
+        return messages
+
+    def _missing_sites(self, replies: list[Message]) -> list[str]:
+        """Sites asked this round that sent no usable reply (dropped out, timed out or failed)."""
+        answered = set()
+        for reply in replies:
+            if not reply.has_error():
+                node = reply.metadata.src_node_id
+                self._site_of_node[node] = site_name_of(reply)
+                answered.add(node)
+        return [self._site_of_node.get(node, f"node-{node}") for node in self._asked_nodes - answered]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send this round's instructions (settings and learning-rate schedule) with the weights."""
+        server_round += self.round_offset
         instructions = RoundInstructions.for_round(self.run, server_round)
         config[INSTRUCTIONS_KEY] = instructions.model_dump_json()
+        if self.privacy_budget is not None:
+            self.privacy_budget.before_train(server_round, arrays, config)
         self._phase_started = time.monotonic()
-        return super().configure_train(server_round, arrays, config, grid)
+        self._round_start_arrays = arrays
+        return self._ask(super().configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the evaluation instructions with the new global weights."""
+        server_round += self.round_offset
         instructions = RoundInstructions.for_round(self.run, server_round)
         config[INSTRUCTIONS_KEY] = instructions.model_dump_json()
         self._phase_started = time.monotonic()
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        return self._ask(super().configure_evaluate(server_round, arrays, config, grid))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate, then checkpoint the new global model and record who trained."""
+        server_round += self.round_offset
         replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
         self.history.record_train(
@@ -81,13 +110,17 @@ class RecordingMixin:
             dict(metrics) if metrics is not None else {},
             _per_site_metrics(replies),
             time.monotonic() - self._phase_started,
+            missing=self._missing_sites(replies),
         )
-        if arrays is not None:
-            self.checkpoints.save_round(server_round, arrays)
+        if self.privacy_budget is not None:
+            self.privacy_budget.after_train(server_round, replies, self.history)
+        # A round no site finished keeps the global model, and is checkpointed too, so resume finds every round.
+        self.checkpoints.save_round(server_round, arrays if arrays is not None else self._round_start_arrays)
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Aggregate site evaluations and record them per site."""
+        server_round += self.round_offset
         replies = list(replies)
         metrics = super().aggregate_evaluate(server_round, replies)
         self.history.record_evaluate(
@@ -95,6 +128,7 @@ class RecordingMixin:
             dict(metrics) if metrics is not None else {},
             _per_site_metrics(replies),
             time.monotonic() - self._phase_started,
+            missing=self._missing_sites(replies),
         )
         return metrics
 
@@ -128,8 +162,13 @@ class RecordingFedAdam(RecordingMixin, FedAdam):
         return arrays, metrics
 
 
-def build_strategy(run: RunConfig, history: MetricHistory, checkpoints: CheckpointWriter, num_sites: int | None = None):
-    """The configured strategy with recording, site sampling and metric aggregation."""
+def build_strategy(
+    run: RunConfig, history: MetricHistory, checkpoints: CheckpointWriter, num_sites: int | None = None, round_offset: int = 0
+):
+    """The configured strategy with recording, site sampling and metric aggregation.
+
+    `round_offset` is the number of rounds a resumed run already completed.
+    """
     federation = run.federation
     common = dict(
         fraction_train=federation.fraction_train,
@@ -147,4 +186,8 @@ def build_strategy(run: RunConfig, history: MetricHistory, checkpoints: Checkpoi
     else:
         strategy = RecordingFedAvg(**common)
     strategy.setup_recording(run, history, checkpoints)
+    strategy.round_offset = round_offset
+    if run.privacy.mode != "off":
+        strategy.privacy_budget = PrivacyBudget(run, history.run_folder)
+        strategy = with_central_privacy(strategy, run, num_sites)
     return strategy

@@ -103,6 +103,166 @@ class FederationConfig(StrictModel):
     round_timeout_s: float = Field(3600.0, gt=0, description="Seconds to wait for site replies in a round.")
 
 
+class GanConfig(StrictModel):
+    """The federated conditional GAN: phase length, networks, local training, selection and augmentation."""
+
+    rounds: int = Field(0, ge=0, le=10000, description="Federated GAN rounds before the classifier rounds (0 = no GAN phase).")
+    only: bool = Field(False, description="GAN-only run: train (and sample) the GAN, skip the classifier rounds.")
+    generator: str | None = Field(
+        None, description="Saved generator file (a GAN checkpoint) to start from or, with rounds 0, to augment with."
+    )
+    start_round: int = Field(1, ge=1, description="First GAN round to run (a resumed run continues after its checkpoint).")
+    feature_classifier: str | None = Field(
+        None,
+        description="Saved classifier whose penultimate features measure GAN quality and drive selection "
+        "(None: the run's initial global classifier).",
+    )
+    image_size: int = Field(64, ge=32, le=128, description="Generated image side in pixels: 32, 64 or 128.")
+    latent_dim: int = Field(128, ge=8, le=1024, description="Length of the generator's noise vector.")
+    channels: int = Field(64, ge=8, le=512, description="Base channel width of generator and discriminator.")
+    local_steps: int = Field(50, ge=1, le=100000, description="Discriminator+generator steps each site runs per GAN round.")
+    batch_size: int = Field(32, ge=2, le=1024, description="Real (and fake) images per GAN step.")
+    generator_learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Adam rate of the generator.")
+    discriminator_learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Adam rate of the discriminator.")
+    balanced_batches: bool = Field(True, description="Draw real GAN batches class-balanced, so rare classes are learnt too.")
+    amp: Literal["auto", "on", "off"] = Field("auto", description="Mixed precision of GAN training (as train.amp).")
+    grid_every: int = Field(1, ge=1, description="Write a per-class sample grid PNG (and quality figures) every K GAN rounds.")
+    augment: bool = Field(False, description="Add selected synthetic images of the site's minority classes to its training split.")
+    target: Literal["median", "ratio"] = Field(
+        "median", description="Synthesise up to the site's median class count, or up to ratio x its largest class."
+    )
+    target_ratio: float = Field(0.25, gt=0, le=1, description="With target 'ratio': fill classes up to this fraction of the largest class.")
+    max_synthetic_per_class: int = Field(300, ge=0, description="Cap on synthetic images added to one class at one site.")
+    candidates_per_image: float = Field(2.0, ge=1, le=20, description="Candidates generated per synthetic image needed (selection slack).")
+    realism_reject_fraction: float = Field(
+        0.25, ge=0, lt=1, description="Per class, drop this fraction of candidates with the lowest discriminator score."
+    )
+    memorisation_percentile: float = Field(
+        5.0, ge=0, le=50, description="Reject a candidate closer to a real training image than this percentile of real-to-real nearest-neighbour distances."
+    )
+    duplicate_percentile: float = Field(
+        5.0, ge=0, le=50, description="Reject a candidate closer to an already kept one than this percentile of real-to-real NN distances."
+    )
+
+    @field_validator("image_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value not in (32, 64, 128):
+            raise ValueError(f"GAN image size {value} is not one of 32, 64, 128; the networks double or halve the side per block")
+        return value
+
+    @field_validator("generator")
+    @classmethod
+    def _generator_file_exists(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not Path(value).expanduser().is_file():
+            raise ValueError(f"generator file {value!r} does not exist; give a GAN checkpoint (gan/checkpoints/round_NNN.pt)")
+        return str(Path(value).expanduser().resolve())
+
+    @field_validator("feature_classifier")
+    @classmethod
+    def _feature_classifier_exists(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not Path(value).expanduser().is_file():
+            raise ValueError(f"feature classifier {value!r} does not exist; give a saved classifier (final_model.pt) or leave it unset")
+        return str(Path(value).expanduser().resolve())
+
+    @model_validator(mode="after")
+    def _phase_settings_consistent(self) -> GanConfig:
+        if self.only and self.rounds == 0:
+            raise ValueError("a GAN-only run needs GAN rounds; set gan.rounds (--gan-rounds) above 0")
+        if self.only and self.augment:
+            raise ValueError("a GAN-only run trains no classifier, so augmentation has nothing to feed; drop one of them")
+        if self.augment and self.rounds == 0 and self.generator is None:
+            raise ValueError("augmentation needs a generator: set gan.rounds above 0 or gan.generator to a saved one")
+        if self.start_round > 1 and self.generator is None:
+            raise ValueError("gan.start_round > 1 resumes a GAN phase and needs gan.generator (its last checkpoint)")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether the run has any GAN work: training rounds or augmentation."""
+        return self.rounds > 0 or self.augment
+
+
+class PrivacyConfig(StrictModel):
+    """Differential privacy of what sites send: off, DP-SGD at every site (local), or server-side noise (central)."""
+
+    mode: Literal["off", "local", "central"] = Field(
+        "off",
+        description="off; local = DP-SGD (Opacus) at every site with per-site RDP accounting; "
+        "central = the server clips each site's update and adds Gaussian noise (Flower's fixed clipping).",
+    )
+    target_epsilon: float | None = Field(
+        None, gt=0, le=1000, description="Local: the run's epsilon budget; without a noise multiplier the noise is calibrated to spend it exactly."
+    )
+    target_delta: float | None = Field(None, gt=0, lt=1, description="Local: the delta of the (epsilon, delta) guarantee, well below 1 / site images.")
+    noise_multiplier: float | None = Field(
+        None, gt=0, le=100, description="Noise std over the clipping norm; local: fixed noise (with a target epsilon the run stops at the budget); central: required."
+    )
+    max_grad_norm: float | None = Field(
+        None, gt=0, description="Local: per-sample gradient clipping norm (replaces train.grad_clip_norm); central: clipping norm of each site's update."
+    )
+    poisson_sampling: bool = Field(True, description="Local: Poisson-sampled batches, which the RDP accounting assumes.")
+    grad_sample_mode: Literal["auto", "hooks", "functorch", "ghost"] = Field(
+        "auto", description="Local: how Opacus computes per-sample gradients; auto = the fastest measured for the architecture."
+    )
+
+    @model_validator(mode="after")
+    def _complete_for_its_mode(self) -> PrivacyConfig:
+        given = [
+            name
+            for name in ("target_epsilon", "target_delta", "noise_multiplier", "max_grad_norm")
+            if getattr(self, name) is not None
+        ]
+        defaults = (("poisson_sampling", True), ("grad_sample_mode", "auto"))
+        changed = [name for name, default in defaults if getattr(self, name) != default]
+        if self.mode == "off":
+            if given or changed:
+                raise ValueError(
+                    f"privacy settings {given + changed} are given but privacy.mode is 'off', so training would not be "
+                    "private; set privacy.mode to 'local' (DP-SGD at every site) or 'central', or drop those settings"
+                )
+            return self
+        if self.mode == "local":
+            missing = [name for name in ("target_delta", "max_grad_norm") if getattr(self, name) is None]
+            if self.target_epsilon is None and self.noise_multiplier is None:
+                missing.append("target_epsilon (or noise_multiplier)")
+            if missing:
+                raise ValueError(
+                    f"local differential privacy is partly configured: {missing} missing; give target_delta, "
+                    "max_grad_norm and a target_epsilon (noise calibrated to it) or a noise_multiplier"
+                )
+            return self
+        if self.noise_multiplier is None or self.max_grad_norm is None:
+            raise ValueError(
+                "central differential privacy needs noise_multiplier and max_grad_norm (the clipping norm of a "
+                "site's update); give both"
+            )
+        unused = [name for name in ("target_epsilon", "target_delta") if getattr(self, name) is not None] + changed
+        if unused:
+            raise ValueError(
+                f"{unused} apply to local DP-SGD only; central mode (server-side clipping and noise) has no "
+                "per-site accounting; drop them or use privacy.mode 'local'"
+            )
+        return self
+
+    @property
+    def local(self) -> bool:
+        """Whether every site trains with DP-SGD."""
+        return self.mode == "local"
+
+
+class ReportConfig(StrictModel):
+    """The local report every site writes at the end of a run (metrics, plots, Grad-CAM gallery)."""
+
+    site_reports: bool = Field(True, description="Ask every site for its local report after the last round.")
+    gallery_per_class: int = Field(3, ge=0, le=50, description="Correct and wrong Grad-CAM examples per class in the gallery.")
+    gradcam_method: Literal["gradcam", "gradcam++"] = Field("gradcam", description="Saliency method of the gallery.")
+
+
 class RunConfig(StrictModel):
     """Everything that defines one federated (or pooled) training run."""
 
@@ -115,6 +275,9 @@ class RunConfig(StrictModel):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
+    gan: GanConfig = Field(default_factory=GanConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     split_fractions: tuple[float, float, float] = Field(
         (0.7, 0.15, 0.15), description="Train/val/test fractions of every site, split by lesion or patient."
     )
@@ -138,6 +301,27 @@ class RunConfig(StrictModel):
     def _strategy_settings_consistent(self) -> RunConfig:
         if self.train.proximal_mu > 0 and self.federation.strategy != "fedprox":
             raise ValueError("train.proximal_mu is set but the strategy is not fedprox; use federation.proximal_mu with strategy fedprox")
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_fits_the_run(self) -> RunConfig:
+        if not self.privacy.local:
+            return self
+        if self.train.balance == "sampler":
+            raise ValueError(
+                "local DP-SGD samples every image with the same probability (the accounting assumes it) and the "
+                "class-balanced sampler breaks that; set train.balance 'none' (loss 'weighted-ce' balances classes)"
+            )
+        if self.federation.strategy == "fedprox" or self.train.proximal_mu > 0:
+            raise ValueError(
+                "DP-SGD replaces each step's gradient by a clipped, noised one, which drops FedProx's proximal "
+                "term; use strategy fedavg or fedadam with privacy.mode 'local'"
+            )
+        if self.gan.active:
+            raise ValueError(
+                "the GAN phase trains on site images outside the DP-SGD budget; set gan.rounds 0 and gan.augment "
+                "off in a run with privacy.mode 'local'"
+            )
         return self
 
 
@@ -168,11 +352,34 @@ FLOWER_RUN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "classes": ("classes",),
     "split-fractions": ("split_fractions",),
     "seed": ("seed",),
+    "gan-rounds": ("gan", "rounds"),
+    "gan-only": ("gan", "only"),
+    "gan-generator": ("gan", "generator"),
+    "gan-image-size": ("gan", "image_size"),
+    "gan-local-steps": ("gan", "local_steps"),
+    "gan-batch-size": ("gan", "batch_size"),
+    "gan-amp": ("gan", "amp"),
+    "gan-grid-every": ("gan", "grid_every"),
+    "gan-augment": ("gan", "augment"),
+    "gan-target": ("gan", "target"),
+    "gan-target-ratio": ("gan", "target_ratio"),
+    "gan-feature-classifier": ("gan", "feature_classifier"),
+    "privacy-mode": ("privacy", "mode"),
+    "privacy-target-epsilon": ("privacy", "target_epsilon"),
+    "privacy-target-delta": ("privacy", "target_delta"),
+    "privacy-noise-multiplier": ("privacy", "noise_multiplier"),
+    "privacy-max-grad-norm": ("privacy", "max_grad_norm"),
+    "privacy-poisson-sampling": ("privacy", "poisson_sampling"),
+    "privacy-grad-sample-mode": ("privacy", "grad_sample_mode"),
+    "site-reports": ("report", "site_reports"),
+    "report-gallery-size": ("report", "gallery_per_class"),
+    "report-gradcam-method": ("report", "gradcam_method"),
 }
 """Flat kebab-case keys of `[tool.flwr.app.config]` and where each lands in `RunConfig`."""
 
 _UNSET_NUMBER = 0
 """Flower config values cannot be None: 0 means 'off' for the optional numeric keys."""
+_PRIVACY_NUMBER_KEYS = ("privacy-target-epsilon", "privacy-target-delta", "privacy-noise-multiplier", "privacy-max-grad-norm")
 
 
 def run_config_from_flower(flat: dict) -> RunConfig:
@@ -187,7 +394,9 @@ def run_config_from_flower(flat: dict) -> RunConfig:
         path = FLOWER_RUN_CONFIG_KEYS[key]
         if key in ("classes", "split-fractions") and isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
-        if key in ("grad-clip-norm", "max-steps-per-epoch") and value == _UNSET_NUMBER:
+        if key in ("grad-clip-norm", "max-steps-per-epoch", *_PRIVACY_NUMBER_KEYS) and value == _UNSET_NUMBER:
+            value = None
+        if key in ("gan-generator", "gan-feature-classifier") and value == "":
             value = None
         target = nested
         for part in path[:-1]:

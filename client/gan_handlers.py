@@ -1,0 +1,158 @@
+"""ClientApp handlers of the federated GAN: local GAN rounds, synthesis of a site's minority classes, augmented training split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from shared.config import ModelConfig, RunConfig
+from shared.data.cache import CachedImages
+from shared.device import resolve_device
+from shared.gan.augmentation import add_synthetic_to_training, load_synthetic, save_synthetic, synthesise_for_site
+from shared.gan.features import classifier_features
+from shared.gan.models import build_gan, gan_to_arrays, load_gan_arrays
+from shared.gan.quality import frechet_distance
+from shared.gan.training import at_gan_resolution, generate, to_uint8_hwc, train_gan_locally
+from shared.models.classifier import build_classifier
+from shared.weights import load_arrays_into
+
+GAN_TRAIN_ACTION = "gan"
+GAN_SYNTHESISE_ACTION = "gan_synthesise"
+GAN_TRAIN_MESSAGE = f"train.{GAN_TRAIN_ACTION}"
+GAN_SYNTHESISE_MESSAGE = f"query.{GAN_SYNTHESISE_ACTION}"
+RUN_KEY = "run"
+ROUND_KEY = "server-round"
+QUALITY_KEY = "quality"
+FEATURE_MODEL_KEY = "feature-model"
+FEATURE_CLASSES_KEY = "feature-classes"
+REPORT_KEY = "report"
+QUALITY_SAMPLES = 256
+DEFAULT_SYNTHETIC_ROOT = Path.home() / ".cache" / "skin-fl" / "synthetic"
+
+
+def _arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def feature_model_from(message: Message) -> torch.nn.Module:
+    """The classifier whose penultimate features the site measures and selects in (weights from the server)."""
+    config = message.content["config"]
+    model = build_classifier(ModelConfig(name=str(config[FEATURE_MODEL_KEY]), pretrained="none"), int(config[FEATURE_CLASSES_KEY]))
+    load_arrays_into(model, _arrays_of(message.content["classifier"]))
+    return model.eval()
+
+
+def synthetic_set_tag(run: RunConfig) -> str:
+    """A short hash of the settings that decide a site's synthetic set (classes, preprocessing, GAN, seed).
+
+    Where the generator came from (a file, a resumed round) is left out: the server's synthesis
+    request and the classifier rounds of one run must name the same set.
+    """
+    stable = json.dumps(
+        {
+            "run": run.model_dump(mode="json", include={"classes", "preprocess", "seed"}),
+            "gan": run.gan.model_dump(mode="json", exclude={"generator", "start_round"}),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(stable.encode()).hexdigest()[:12]
+
+
+def synthetic_set_path(source, context: Context, site_name: str, run: RunConfig) -> Path:
+    """Where a site keeps its synthetic set: beside the simulation manifest, or under the node's cache dir."""
+    manifest = getattr(source, "manifest_path", None)
+    if manifest is not None:
+        root = Path(manifest).parent / "synthetic"
+    else:
+        cache_dir = dict(context.node_config).get("cache-dir")
+        root = Path(str(cache_dir)) / "synthetic" if cache_dir else DEFAULT_SYNTHETIC_ROOT
+    safe_site = re.sub(r"[^A-Za-z0-9_.-]+", "_", site_name).strip("_") or "site"
+    return root / safe_site / f"{synthetic_set_tag(run)}.npz"
+
+
+def site_training_images(source, context: Context, site, run: RunConfig) -> CachedImages:
+    """The site's training split, with its selected synthetic images when the run augments."""
+    if not run.gan.augment:
+        return site.images.select("train")
+    synthetic = load_synthetic(synthetic_set_path(source, context, site.name, run), run.classes)
+    return add_synthetic_to_training(site.images, synthetic).select("train")
+
+
+def _site_seed(run: RunConfig, server_round: int, site_name: str) -> int:
+    return run.seed * 100_003 + server_round * 1_009 + zlib.crc32(site_name.encode()) % 1_000
+
+
+def _site_frechet_distance(generator, feature_model, train_images: CachedImages, run: RunConfig, seed: int) -> float:
+    """Fréchet distance between up to QUALITY_SAMPLES real training images (at the GAN's resolution) and as many generated ones, same classes."""
+    rows = np.random.default_rng(seed).permutation(len(train_images))[:QUALITY_SAMPLES]
+    real = at_gan_resolution(np.asarray(train_images.images[np.sort(rows)]), generator.image_size)
+    labels = train_images.labels[np.sort(rows)]
+    fake = to_uint8_hwc(generate(generator, labels, seed=seed))
+    size = run.preprocess.image_size
+    return frechet_distance(
+        classifier_features(feature_model, real, image_size=size), classifier_features(feature_model, fake, image_size=size)
+    )
+
+
+def register_gan_handlers(app: ClientApp, source) -> None:
+    """Add the GAN training (train.gan) and synthesis (query.gan_synthesise) handlers to `app`."""
+
+    @app.train(GAN_TRAIN_ACTION)
+    def train_gan(message: Message, context: Context) -> Message:
+        config = message.content["config"]
+        run = RunConfig.model_validate_json(str(config[RUN_KEY]))
+        server_round = int(config[ROUND_KEY])
+        site = source.load(context, run)
+        device = resolve_device(run.train.device)
+        generator, discriminator = build_gan(run.gan, len(run.classes))
+        load_gan_arrays(generator, discriminator, _arrays_of(message.content["arrays"]))
+        train_images = site.images.select("train")
+        seed = _site_seed(run, server_round, site.name)
+        result = train_gan_locally(generator, discriminator, train_images, config=run.gan, device=device, seed=seed)
+        metrics = {
+            "num-examples": len(train_images),
+            "discriminator-loss": result.discriminator_loss,
+            "generator-loss": result.generator_loss,
+            "train-seconds": result.seconds,
+        }
+        if bool(config[QUALITY_KEY]):
+            metrics["frechet-distance"] = _site_frechet_distance(generator, feature_model_from(message), train_images, run, seed)
+        reply = RecordDict(
+            {
+                "arrays": ArrayRecord({name: Array(value) for name, value in gan_to_arrays(generator.cpu(), discriminator.cpu()).items()}),
+                "metrics": MetricRecord(metrics),
+                "site": ConfigRecord({"name": site.name, "precision": result.precision, "device": str(device)}),
+            }
+        )
+        return Message(reply, reply_to=message)
+
+    @app.query(GAN_SYNTHESISE_ACTION)
+    def synthesise(message: Message, context: Context) -> Message:
+        config = message.content["config"]
+        run = RunConfig.model_validate_json(str(config[RUN_KEY]))
+        site = source.load(context, run)
+        generator, discriminator = build_gan(run.gan, len(run.classes))
+        load_gan_arrays(generator, discriminator, _arrays_of(message.content["arrays"]))
+        train_images = site.images.select("train")
+        synthesis = synthesise_for_site(
+            generator, discriminator, feature_model_from(message), train_images,
+            config=run.gan, image_size=run.preprocess.image_size, seed=_site_seed(run, 0, site.name),
+        )
+        save_synthetic(synthetic_set_path(source, context, site.name, run), synthesis)
+        report = synthesis.report()
+        report["real"] = {name: int(count) for name, count in zip(run.classes, train_images.class_counts())}
+        reply = RecordDict(
+            {
+                "metrics": MetricRecord({"num-examples": len(train_images), "synthetic-images": int(len(synthesis.images))}),
+                "site": ConfigRecord({"name": site.name, REPORT_KEY: json.dumps(report)}),
+            }
+        )
+        return Message(reply, reply_to=message)

@@ -1,0 +1,44 @@
+"""The site's DP-SGD round trainer: opens the site's privacy ledger for the run and trains under DP-SGD."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import Context, Message
+
+from server.privacy_budget import LEDGER_KEY
+from shared.config import RunConfig
+from shared.privacy.accounting import PrivacyLedger
+from shared.privacy.training import PrivateTrainResult, train_privately
+
+
+def ledger_id_of(message: Message, context: Context) -> str:
+    """The run whose ledger this round continues: the server's run-folder name, else the Flower run id."""
+    config = message.content["config"]
+    return str(config[LEDGER_KEY]) if LEDGER_KEY in config else f"flower-run-{context.run_id}"
+
+
+def private_round_trainer(
+    source, context: Context, message: Message, site: str, run: RunConfig, server_round: int
+) -> Callable[..., PrivateTrainResult]:
+    """A trainer with `train_on_images`'s call signature that runs the round under DP-SGD and records it."""
+    ledger = PrivacyLedger.open(source.privacy_state_dir(context), site, ledger_id_of(message, context), run.privacy.target_delta)
+
+    def train(model, images, *, config, device, precision, learning_rate_start, learning_rate_end, seed, global_arrays=None, description="train"):
+        # `config` is run.train and `global_arrays` only feeds FedProx, which the run settings exclude under DP.
+        del config, global_arrays
+        return train_privately(
+            model,
+            images,
+            run=run,
+            ledger=ledger,
+            server_round=server_round,
+            device=device,
+            precision=precision,
+            learning_rate_start=learning_rate_start,
+            learning_rate_end=learning_rate_end,
+            seed=seed,
+            description=description,
+        )
+
+    return train

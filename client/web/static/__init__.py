@@ -1,0 +1,1 @@
+"""Static files of the clinician web app pages (HTML, CSS, JavaScript), served as they are."""

@@ -1,0 +1,184 @@
+"""The server's view of the privacy budget: epsilon per site and round, privacy.json, and the clean stop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp.strategy import Result
+
+from server.history import MetricHistory, write_json_atomically
+from shared.config import RunConfig
+from shared.errors import SkinFLError
+
+LEDGER_KEY = "privacy-ledger"
+"""Train-config key naming the run whose privacy ledger a site continues (the run folder's name)."""
+PRIVACY_FILE = "privacy.json"
+logger = logging.getLogger(__name__)
+
+
+class PrivacyBudgetReached(SkinFLError):
+    """The next round would take a site past the run's epsilon budget; the run ends before it."""
+
+    def __init__(self, message: str, arrays: ArrayRecord, completed_rounds: int) -> None:
+        super().__init__(message)
+        self.arrays = arrays
+        self.completed_rounds = completed_rounds
+
+
+def _site_name(reply: Message) -> str:
+    record = reply.content.config_records.get("site")
+    if record is not None and "name" in record:
+        return str(record["name"])
+    return f"node-{reply.metadata.src_node_id}"
+
+
+class PrivacyBudget:
+    """Tracks every site's reported epsilon, writes privacy.json, and stops the run before the budget is passed.
+
+    The state is read back from `privacy.json` when the run folder already has one, so a resumed
+    run starts from the epsilon its sites already spent, and from the history's per-round records
+    when only those survive.
+    """
+
+    def __init__(self, run: RunConfig, run_folder: Path) -> None:
+        self.run = run
+        self.run_folder = Path(run_folder)
+        self.ledger_id = self.run_folder.name
+        self.sites: dict[str, dict] = {}
+        self.rounds: list[dict] = []
+        self.stopped: dict | None = None
+        self._restore()
+        self.save()
+
+    def _restore(self) -> None:
+        path = self.run_folder / PRIVACY_FILE
+        if path.exists():
+            saved = json.loads(path.read_text())
+            self.ledger_id = saved.get("ledger_id", self.ledger_id)
+            self.sites = dict(saved.get("sites", {}))
+            self.rounds = list(saved.get("rounds", []))
+            return
+        history_path = self.run_folder / "history.json"
+        if history_path.exists():
+            for entry in json.loads(history_path.read_text()).get("rounds", []):
+                if "privacy" in entry:
+                    self.rounds.append({"round": entry["round"], **entry["privacy"]})
+                    self.sites.update(entry["privacy"].get("sites", {}))
+
+    @property
+    def epsilon_spent(self) -> float:
+        """The largest epsilon any site has spent so far (0 before the first private round)."""
+        return max((site["epsilon"] for site in self.sites.values()), default=0.0)
+
+    @property
+    def epsilon_next_round(self) -> float:
+        """The largest epsilon a site would have spent after one more round of its schedule."""
+        return max((site["epsilon_next_round"] for site in self.sites.values()), default=0.0)
+
+    def before_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> None:
+        """Name the ledger for the sites and raise PrivacyBudgetReached when round `server_round` would pass the budget."""
+        if not self.run.privacy.local:
+            return
+        config[LEDGER_KEY] = self.ledger_id
+        budget = self.run.privacy.target_epsilon
+        if budget is None or not self.sites:
+            return
+        predicted = self.epsilon_next_round
+        if predicted > budget + 1e-9:
+            worst = max(self.sites, key=lambda name: self.sites[name]["epsilon_next_round"])
+            message = (
+                f"privacy budget reached: round {server_round} would take site {worst} from epsilon "
+                f"{self.sites[worst]['epsilon']:.3f} to {predicted:.3f}, past the budget {budget} "
+                f"(delta {self.run.privacy.target_delta}); the run stops after {server_round - 1} of "
+                f"{self.run.federation.rounds} rounds"
+            )
+            self.stopped = {"before_round": server_round, "reason": message}
+            self.save()
+            logger.warning(message)
+            print(message, flush=True)
+            raise PrivacyBudgetReached(message, arrays, server_round - 1)
+
+    def after_train(self, server_round: int, replies: list[Message], history: MetricHistory) -> None:
+        """Record the epsilon each site reported for `server_round`, in privacy.json and the history."""
+        if not self.run.privacy.local:
+            return
+        reported = {}
+        for reply in replies:
+            if reply.has_error():
+                continue
+            metrics = next(iter(reply.content.metric_records.values()))
+            if "epsilon" not in metrics:
+                raise SkinFLError(
+                    f"site {_site_name(reply)} trained round {server_round} without reporting epsilon, in a run "
+                    "with privacy.mode 'local'; update skin-fl at that site"
+                )
+            reported[_site_name(reply)] = {
+                "epsilon": float(metrics["epsilon"]),
+                "epsilon_next_round": float(metrics["epsilon-next-round"]),
+                "noise_multiplier": float(metrics["noise-multiplier"]),
+                "round": server_round,
+            }
+        self.sites.update(reported)
+        entry = {
+            "round": server_round,
+            "epsilon_max": self.epsilon_spent,
+            "epsilon_next_round_max": self.epsilon_next_round,
+            "sites": reported,
+        }
+        self.rounds = [item for item in self.rounds if item["round"] != server_round] + [entry]
+        history_entry = history.rounds.get(server_round)
+        if history_entry is not None:
+            history_entry["privacy"] = {key: value for key, value in entry.items() if key != "round"}
+            history.save()
+        self.save()
+
+    def save(self) -> None:
+        """Write privacy.json: the settings, the budget spent per site and round, and why the run stopped."""
+        privacy = self.run.privacy
+        payload = {
+            "settings": privacy.model_dump(mode="json"),
+            "accounting": "RDP (Opacus), per site, over every DP-SGD step a site ran in this run"
+            if privacy.local
+            else ("none: Gaussian noise on the clipped site updates (server side)" if privacy.mode == "central" else "none"),
+            "ledger_id": self.ledger_id,
+            "epsilon_budget": privacy.target_epsilon,
+            "delta": privacy.target_delta,
+            "epsilon_spent_max": self.epsilon_spent,
+            "sites": self.sites,
+            "rounds": self.rounds,
+            "stopped_early": self.stopped,
+        }
+        self.run_folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(self.run_folder / PRIVACY_FILE, _finite(payload))
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+def start_within_budget(strategy, **start_arguments) -> Result:
+    """`strategy.start(...)`, ending cleanly with the last global model when the privacy budget is reached."""
+    try:
+        return strategy.start(**start_arguments)
+    except PrivacyBudgetReached as stop:
+        result = Result()
+        result.arrays = stop.arrays
+        return result
+
+
+def budget_stop_metadata(strategy) -> dict:
+    """What the final model's metadata says about a privacy stop ({} when the run was not stopped)."""
+    budget = getattr(strategy, "privacy_budget", None)
+    if budget is None or budget.stopped is None:
+        return {}
+    return {"stopped_by_privacy_budget": budget.stopped["reason"], "completed_rounds": budget.stopped["before_round"] - 1}

@@ -1,0 +1,1 @@
+"""The federated class-conditional GAN: networks, local training, quality, selection and augmentation."""

@@ -1,0 +1,1 @@
+"""Differential privacy: model preparation, DP-SGD training, accounting and budget."""

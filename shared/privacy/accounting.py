@@ -1,0 +1,165 @@
+"""Per-site privacy accounting (RDP): the site's ledger of DP-SGD steps, its epsilon and the noise schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from shared.config import PrivacyConfig, RunConfig
+from shared.errors import ConfigError, SkinFLError
+
+LEDGER_FORMAT = "skin-fl-privacy-ledger"
+EPSILON_TOLERANCE = 0.01
+"""Opacus calibrates the noise so the spent epsilon lands within this much below the target."""
+
+
+class PrivacyBudgetExceeded(SkinFLError):
+    """Training would spend more epsilon than the run's budget allows."""
+
+
+def sample_rate_for(train_size: int, batch_size: int) -> float:
+    """Poisson sampling rate of one step: one over the batches per epoch (as Opacus derives it)."""
+    if train_size < 2:
+        raise ConfigError(f"DP-SGD needs at least 2 training images at a site, it has {train_size}; add images to this site")
+    return 1.0 / math.ceil(train_size / batch_size)
+
+
+def steps_per_round(train_size: int, run: RunConfig) -> int:
+    """DP-SGD steps one site takes in a round: batches per epoch (capped) times local epochs."""
+    per_epoch = int(round(1.0 / sample_rate_for(train_size, run.train.batch_size)))
+    if run.train.max_steps_per_epoch is not None:
+        per_epoch = min(per_epoch, run.train.max_steps_per_epoch)
+    return per_epoch * run.train.local_epochs
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon spent by the DP-SGD steps in `history` ((noise multiplier, sample rate, steps) entries)."""
+    from opacus.accountants import RDPAccountant
+
+    if not history:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [(float(noise), float(rate), int(steps)) for noise, rate, steps in history]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def noise_multiplier_for(privacy: PrivacyConfig, sample_rate: float, total_steps: int) -> float:
+    """The noise multiplier of a site: the configured one, or the one that spends the target epsilon in `total_steps`."""
+    if privacy.noise_multiplier is not None:
+        return float(privacy.noise_multiplier)
+    try:
+        return _calibrated_noise(privacy.target_epsilon, privacy.target_delta, sample_rate, total_steps)
+    except ValueError as error:
+        raise ConfigError(
+            f"no noise multiplier reaches epsilon {privacy.target_epsilon} at delta {privacy.target_delta} "
+            f"over {total_steps} steps at sampling rate {sample_rate:.4f} ({error}); raise target_epsilon or "
+            "target_delta, or train fewer rounds / local epochs"
+        ) from error
+
+
+@lru_cache(maxsize=64)
+def _calibrated_noise(target_epsilon: float, target_delta: float, sample_rate: float, total_steps: int) -> float:
+    # A binary search over RDP curves that takes seconds: every round of a run asks the same question.
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=sample_rate,
+            steps=total_steps,
+            accountant="rdp",
+            epsilon_tolerance=EPSILON_TOLERANCE,
+        )
+    )
+
+
+@dataclass
+class RoundSchedule:
+    """One site's DP-SGD plan for a round: sampling rate, steps, noise, and the whole run's step count."""
+
+    sample_rate: float
+    steps: int
+    noise_multiplier: float
+    run_steps: int
+
+    @classmethod
+    def for_site(cls, run: RunConfig, train_size: int) -> RoundSchedule:
+        """The schedule of a site with `train_size` training images; the noise covers all rounds of the run."""
+        sample_rate = sample_rate_for(train_size, run.train.batch_size)
+        steps = steps_per_round(train_size, run)
+        run_steps = steps * run.federation.rounds
+        return cls(sample_rate, steps, noise_multiplier_for(run.privacy, sample_rate, run_steps), run_steps)
+
+    def entry(self) -> tuple[float, float, int]:
+        """This round as an RDP accountant history entry."""
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+@dataclass
+class PrivacyLedger:
+    """A site's record of every DP-SGD round it ran in one federated run, kept in a JSON file at the site."""
+
+    path: Path
+    site: str
+    delta: float
+    rounds: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, state_dir: Path, site: str, ledger_id: str, delta: float) -> PrivacyLedger:
+        """The ledger of `site` for the run `ledger_id` under `state_dir` (empty when the run is new)."""
+        safe = lambda text: re.sub(r"[^A-Za-z0-9._-]+", "_", text)  # noqa: E731 - one-line file-name filter
+        path = Path(state_dir) / safe(site) / f"{safe(ledger_id)}.json"
+        if not path.exists():
+            return cls(path, site, delta)
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"privacy ledger {path} is unreadable ({error}); it records the budget this site already spent, so "
+                "training stops rather than restart the count; restore the file from a backup"
+            ) from error
+        if payload.get("format") != LEDGER_FORMAT or payload.get("site") != site:
+            raise ConfigError(f"{path} is not the privacy ledger of site {site!r}; move it away only if it belongs to another site")
+        if float(payload["delta"]) != float(delta):
+            raise ConfigError(
+                f"privacy ledger {path} accounts at delta {payload['delta']}, this run asks for delta {delta}; "
+                "keep target_delta unchanged within a run (resume with the same settings)"
+            )
+        return cls(path, site, float(payload["delta"]), list(payload["rounds"]))
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """Every round's (noise multiplier, sample rate, steps), as the RDP accountant takes them."""
+        return [(entry["noise_multiplier"], entry["sample_rate"], entry["steps"]) for entry in self.rounds]
+
+    @property
+    def epsilon(self) -> float:
+        """Epsilon spent so far by this site in this run."""
+        return epsilon_of(self.history, self.delta)
+
+    def epsilon_after(self, schedule: RoundSchedule, rounds: int = 1) -> float:
+        """Epsilon this site would have spent after `rounds` more rounds of `schedule`."""
+        return epsilon_of(self.history + [schedule.entry()] * rounds, self.delta)
+
+    def record(self, server_round: int, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Append a finished round (every execution counts, retries too) and save; returns the epsilon now spent."""
+        self.rounds.append(
+            {"round": server_round, "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": steps}
+        )
+        self.rounds[-1]["epsilon"] = self.epsilon
+        self.save()
+        return self.rounds[-1]["epsilon"]
+
+    def save(self) -> None:
+        """Write the ledger atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        payload = {"format": LEDGER_FORMAT, "site": self.site, "delta": self.delta, "rounds": self.rounds}
+        temporary.write_text(json.dumps(payload, indent=2) + "\n")
+        os.replace(temporary, self.path)

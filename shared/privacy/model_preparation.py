@@ -1,0 +1,172 @@
+"""Making a model trainable under DP-SGD: GroupNorm for BatchNorm, no in-place ops, per-sample-gradient mode."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from shared.errors import ModelError
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+GROUP_NORM_MAX_GROUPS = 32
+"""Wu & He's default group count; the count used is gcd(32, channels) so every channel count divides."""
+
+PREPARED_MARKER = "skin_fl_private_ready"
+"""Attribute set on a prepared model, so preparing twice is a no-op."""
+
+
+def _timm_norm_act_classes() -> tuple[type, type]:
+    from timm.layers.norm_act import BatchNormAct2d, GroupNormAct
+
+    return BatchNormAct2d, GroupNormAct
+
+
+def _group_count(channels: int) -> int:
+    return math.gcd(GROUP_NORM_MAX_GROUPS, channels)
+
+
+def _group_norm_for(batch_norm: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    """A GroupNorm (timm's GroupNormAct for BatchNormAct2d, keeping its activation) in place of `batch_norm`.
+
+    The affine scale and shift are copied: pretrained weights then keep their per-channel
+    scale and shift, a better start than ones and zeros.
+    """
+    batch_norm_act, group_norm_act = _timm_norm_act_classes()
+    channels = batch_norm.num_features
+    if isinstance(batch_norm, batch_norm_act):
+        replacement = group_norm_act(
+            channels, num_groups=_group_count(channels), eps=batch_norm.eps, affine=batch_norm.affine, apply_act=False
+        )
+        replacement.drop = batch_norm.drop
+        replacement.act = batch_norm.act
+    else:
+        replacement = nn.GroupNorm(_group_count(channels), channels, eps=batch_norm.eps, affine=batch_norm.affine)
+    if batch_norm.affine:
+        with torch.no_grad():
+            replacement.weight.copy_(batch_norm.weight)
+            replacement.bias.copy_(batch_norm.bias)
+    return replacement.to(device=batch_norm.weight.device if batch_norm.affine else None)
+
+
+def replace_batch_norm(model: nn.Module) -> int:
+    """Swap every BatchNorm (timm's BatchNormAct2d included) for a GroupNorm in place; returns how many."""
+    replaced = 0
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, _group_norm_for(child))
+            replaced += 1
+        else:
+            replaced += replace_batch_norm(child)
+    return replaced
+
+
+def _out_of_place_resnet_blocks() -> dict[type, type]:
+    """timm ResNet blocks whose residual add `x += shortcut` is made out of place.
+
+    Opacus's backward hooks make a layer's output a view that must not be modified in place,
+    and timm 1.0.31's BasicBlock and Bottleneck add the shortcut in place into the output of
+    their last norm layer. These subclasses differ only in `x = x + shortcut`, so weights and
+    state-dict names stay the same.
+    """
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    class OutOfPlaceBasicBlock(BasicBlock):
+        """timm BasicBlock with an out-of-place residual add."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            shortcut = x
+            x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+            x = self.bn2(self.conv2(x))
+            if self.se is not None:
+                x = self.se(x)
+            if self.drop_path is not None:
+                x = self.drop_path(x)
+            if self.downsample is not None:
+                shortcut = self.downsample(shortcut)
+            return self.act2(x + shortcut)
+
+    class OutOfPlaceBottleneck(Bottleneck):
+        """timm Bottleneck with an out-of-place residual add."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            shortcut = x
+            x = self.act1(self.bn1(self.conv1(x)))
+            x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+            x = self.bn3(self.conv3(x))
+            if self.se is not None:
+                x = self.se(x)
+            if self.drop_path is not None:
+                x = self.drop_path(x)
+            if self.downsample is not None:
+                shortcut = self.downsample(shortcut)
+            return self.act3(x + shortcut)
+
+    return {BasicBlock: OutOfPlaceBasicBlock, Bottleneck: OutOfPlaceBottleneck}
+
+
+def disable_in_place_operations(model: nn.Module) -> int:
+    """Turn off in-place activations and timm ResNet's in-place residual add; returns modules changed."""
+    swaps = _out_of_place_resnet_blocks()
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+            changed += 1
+        if type(module) in swaps:
+            module.__class__ = swaps[type(module)]
+            changed += 1
+    return changed
+
+
+FASTEST_GRAD_SAMPLE_MODE = {
+    "tf_efficientnet_lite0": "functorch",
+    "efficientnet_b0": "functorch",
+    "resnet18": "functorch",
+}
+"""Per-sample-gradient mode per architecture, from `python -m simulation.privacy_benchmark --modes`.
+
+Measured s/step (32 px, batch 4, fp32, shared CPU; hooks / functorch / ghost): lite0 2.83 / 1.15 /
+3.48, efficientnet_b0 3.43 / 1.19 / 3.84, resnet18 1.49 / 1.25 / 1.05. Depthwise convolutions are
+where hooks and ghost clipping are slowest; for resnet18 ghost was within measurement noise, and
+functorch (exactness checked in tests) is kept. Unmeasured architectures get functorch, which
+handles every layer type.
+"""
+DEFAULT_GRAD_SAMPLE_MODE = "functorch"
+
+
+def grad_sample_mode_for(architecture: str, requested: str = "auto") -> str:
+    """The per-sample-gradient mode to use: `requested`, or for 'auto' the one measured fastest."""
+    if requested != "auto":
+        if requested not in GRAD_SAMPLE_MODES:
+            raise ModelError(f"per-sample-gradient mode {requested!r} is not one of auto, {', '.join(GRAD_SAMPLE_MODES)}")
+        return requested
+    return FASTEST_GRAD_SAMPLE_MODE.get(architecture, DEFAULT_GRAD_SAMPLE_MODE)
+
+
+def prepare_for_private_training(model: nn.Module) -> nn.Module:
+    """Make `model` trainable under DP-SGD in place (GroupNorm, no in-place ops) and check it with Opacus.
+
+    Raises ModelError naming the layers Opacus cannot train privately. Preparing twice is a no-op.
+    """
+    from opacus.validators import ModuleValidator
+
+    if getattr(model, PREPARED_MARKER, False):
+        return model
+    replace_batch_norm(model)
+    disable_in_place_operations(model)
+    problems = ModuleValidator.validate(model, strict=False)
+    if problems:
+        listed = "; ".join(str(problem) for problem in problems[:5])
+        raise ModelError(
+            f"{type(model).__name__} cannot be trained with DP-SGD after preparation ({listed}); choose an "
+            "architecture without such layers, e.g. tf_efficientnet_lite0, efficientnet_b0 or resnet18"
+        )
+    setattr(model, PREPARED_MARKER, True)
+    return model
+
+
+def is_prepared_for_privacy(model: nn.Module) -> bool:
+    """Whether `prepare_for_private_training` changed this model (its weights then fit only prepared models)."""
+    return bool(getattr(model, PREPARED_MARKER, False))

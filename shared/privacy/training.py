@@ -1,0 +1,241 @@
+"""DP-SGD local training of a site (Opacus): per-sample clipping, Gaussian noise, Poisson batches, RDP ledger."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from shared.config import RunConfig
+from shared.data.cache import CachedImages
+from shared.data.loading import ImageArrayDataset
+from shared.data.transforms import build_train_transform
+from shared.errors import ConfigError, DataError, ModelError
+from shared.models.classifier import model_normalisation
+from shared.precision import Precision
+from shared.privacy.accounting import PrivacyBudgetExceeded, PrivacyLedger, RoundSchedule
+from shared.privacy.model_preparation import grad_sample_mode_for, is_prepared_for_privacy
+from shared.training import TrainResult, inverse_frequency_weights, place_model
+
+
+@dataclass
+class PrivateTrainResult(TrainResult):
+    """A DP-SGD round: the training figures plus its noise, sampling and the epsilon the site has spent."""
+
+    epsilon: float = 0.0
+    epsilon_next_round: float = 0.0
+    delta: float = 0.0
+    noise_multiplier: float = 0.0
+    sample_rate: float = 0.0
+    grad_sample_mode: str = ""
+
+
+class PerSampleLoss(nn.Module):
+    """Cross-entropy (optionally class-weighted) or focal loss of each image, then reduced.
+
+    The weighted mean over the batch is not used under DP: it divides by the batch's summed
+    weights, which would make one image's gradient depend on the other images in the batch.
+    `reduction` is 'mean' (plain mean over images) or 'none', as Opacus's ghost clipping sets it.
+    """
+
+    def __init__(self, kind: str, *, label_smoothing: float, focal_gamma: float, weight: torch.Tensor | None) -> None:
+        super().__init__()
+        self.kind = kind
+        self.label_smoothing = label_smoothing
+        self.focal_gamma = focal_gamma
+        self.reduction = "mean"
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-image losses (reduction 'none') or their mean."""
+        logits = logits.float()
+        if self.kind == "focal":
+            log_probabilities = F.log_softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)
+            losses = -((1 - log_probabilities.exp()) ** self.focal_gamma) * log_probabilities
+        else:
+            losses = F.cross_entropy(logits, targets, reduction="none", label_smoothing=self.label_smoothing)
+            if self.weight is not None:
+                losses = losses * self.weight[targets]
+        return losses if self.reduction == "none" else losses.mean()
+
+
+@contextmanager
+def _quiet_opacus() -> Iterator[None]:
+    """Silence Opacus's notices about choices made here on purpose (non-secure RNG: simulation-grade noise
+    generator seeded per round; full backward hooks firing on the input layer)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest) alpha.*")
+        yield
+
+
+def check_private_precision(precision: Precision) -> None:
+    """Refuse the precisions DP-SGD cannot use: a GradScaler (clips scaled gradients) and fp16 (NaNs)."""
+    if precision.use_grad_scaler:
+        raise ConfigError(
+            f"precision {precision.name} uses a GradScaler, and Opacus would clip the scaled per-sample gradients "
+            "(the privacy guarantee would not hold); under DP use bf16 or fp32 (amp auto picks them)"
+        )
+    if precision.autocast_dtype == torch.float16:
+        raise ConfigError("fp16 autocast under DP-SGD produced NaN gradients; use bf16 or fp32 (amp off)")
+
+
+def train_privately(
+    model: nn.Module,
+    images: CachedImages,
+    *,
+    run: RunConfig,
+    ledger: PrivacyLedger,
+    server_round: int,
+    device: torch.device,
+    precision: Precision,
+    learning_rate_start: float,
+    learning_rate_end: float,
+    seed: int,
+    description: str = "train (DP-SGD)",
+) -> PrivateTrainResult:
+    """One round of DP-SGD on the site's training images; the weights in `model` are updated in place.
+
+    `model` must be prepared (`prepare_for_private_training`). The round is refused before any
+    step when it would take the site past the run's epsilon budget. Every step's noise and
+    sampling are appended to the site's ledger, which survives restarts and resumed runs.
+    """
+    from opacus import PrivacyEngine
+
+    privacy, config = run.privacy, run.train
+    if not privacy.local:
+        raise ConfigError("train_privately needs privacy.mode 'local'")
+    if not is_prepared_for_privacy(model):
+        raise ModelError("the model was not prepared for DP-SGD; call prepare_for_private_training on it (and on the server's model)")
+    check_private_precision(precision)
+    if len(images) < 2:
+        raise DataError(f"{images.source or 'this site'}: DP-SGD needs at least 2 training images; add images to this site")
+    schedule = RoundSchedule.for_site(run, len(images))
+    spent_before = ledger.epsilon
+    epsilon_after = ledger.epsilon_after(schedule)
+    if privacy.target_epsilon is not None and epsilon_after > privacy.target_epsilon + 1e-9:
+        raise PrivacyBudgetExceeded(
+            f"{ledger.site}: round {server_round} would raise the spent epsilon from {spent_before:.3f} to "
+            f"{epsilon_after:.3f}, past the budget {privacy.target_epsilon}; the run must stop here (raise "
+            "privacy.target_epsilon or start a new run to train further)"
+        )
+    device = torch.device(device)
+    place_model(model, device).train()
+    mean, std = model_normalisation(model)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        ImageArrayDataset(images, build_train_transform(mean, std, augment=config.augment)),
+        batch_size=config.batch_size,
+        shuffle=True,
+        num_workers=config.num_workers,
+        generator=generator,
+    )
+    weight = inverse_frequency_weights(images.class_counts()) if config.loss == "weighted-ce" else None
+    criterion = PerSampleLoss(
+        config.loss, label_smoothing=config.label_smoothing, focal_gamma=config.focal_gamma, weight=weight
+    ).to(device)
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=learning_rate_start, weight_decay=config.weight_decay)
+    mode = grad_sample_mode_for(run.model.name, privacy.grad_sample_mode)
+    with _quiet_opacus():
+        engine = PrivacyEngine(accountant="rdp")
+        prepared = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=loader,
+            noise_multiplier=schedule.noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm,
+            poisson_sampling=privacy.poisson_sampling,
+            grad_sample_mode=mode,
+            noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
+        )
+    if mode == "ghost":
+        private_model, private_optimizer, private_criterion, private_loader = prepared
+    else:
+        private_model, private_optimizer, private_loader = prepared
+        private_criterion = criterion
+
+    loss_sum, num_examples, step = 0.0, 0, 0
+    total_steps = schedule.steps
+    steps_per_epoch = total_steps // config.local_epochs
+    started = time.perf_counter()
+    try:
+        with _quiet_opacus():
+            for epoch in range(config.local_epochs):
+                for batch_index, (batch_images, labels) in enumerate(private_loader):
+                    if batch_index >= steps_per_epoch:
+                        break
+                    rate = learning_rate_end + (learning_rate_start - learning_rate_end) * 0.5 * (
+                        1 + math.cos(math.pi * step / total_steps)
+                    )
+                    for group in private_optimizer.param_groups:
+                        group["lr"] = rate
+                    batch_images = batch_images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                    labels = labels.to(device, non_blocking=True)
+                    private_optimizer.zero_grad(set_to_none=True)
+                    with precision.autocast():
+                        logits = private_model(batch_images)
+                    loss = private_criterion(logits.float(), labels)
+                    loss.backward()
+                    private_optimizer.step()
+                    batch_size = int(labels.shape[0])
+                    if batch_size:
+                        data_loss = float(loss.detach().float().mean().item()) if mode != "ghost" else float(loss.loss_per_sample.mean().item())
+                        if not math.isfinite(data_loss):
+                            raise ConfigError(
+                                f"{description}: the training loss became {data_loss} at epoch {epoch + 1}, step "
+                                f"{batch_index + 1} (precision {precision.name}); lower the learning rate or use amp off"
+                            )
+                        loss_sum += data_loss * batch_size
+                        num_examples += batch_size
+                    step += 1
+    finally:
+        # Every step taken was released in the weights this site may send: record them even on failure.
+        taken = sum(entry[2] for entry in engine.accountant.history)
+        if taken:
+            ledger.record(server_round, schedule.noise_multiplier, schedule.sample_rate, taken)
+        # Removes Opacus's hooks and per-sample gradients, so the plain model can be sent and reused.
+        private_model._close()
+    seconds = time.perf_counter() - started
+    epsilon = ledger.epsilon
+    return PrivateTrainResult(
+        loss=loss_sum / max(num_examples, 1),
+        num_examples=num_examples,
+        steps=step,
+        seconds=seconds,
+        images_per_second=num_examples / seconds if seconds > 0 else float("inf"),
+        epsilon=epsilon,
+        epsilon_next_round=ledger.epsilon_after(schedule),
+        delta=ledger.delta,
+        noise_multiplier=schedule.noise_multiplier,
+        sample_rate=schedule.sample_rate,
+        grad_sample_mode=mode,
+    )
+
+
+def strip_privacy_wrappers(model: nn.Module) -> nn.Module:
+    """The plain model under an Opacus GradSampleModule (the same object when not wrapped)."""
+    return getattr(model, "_module", model)
+
+
+def private_train_metrics(result: TrainResult) -> dict[str, float]:
+    """The privacy figures a site reports each round (all scalars; none for a round without DP)."""
+    if not isinstance(result, PrivateTrainResult):
+        return {}
+    return {
+        "epsilon": float(result.epsilon),
+        "epsilon-next-round": float(result.epsilon_next_round),
+        "delta": float(result.delta),
+        "noise-multiplier": float(result.noise_multiplier),
+        "dp-steps": float(result.steps),
+    }

@@ -1,0 +1,64 @@
+"""skin-fl-sim's differential-privacy options and how they become `PrivacyConfig`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from shared.config import PrivacyConfig
+
+
+def add_privacy_options(parser: argparse.ArgumentParser) -> None:
+    """The `privacy` argument group: mode, budget, noise, clipping, sampling and per-sample-gradient mode."""
+    group = parser.add_argument_group("differential privacy")
+    group.add_argument(
+        "--privacy",
+        choices=["off", "local", "central"],
+        default="off",
+        help="local: DP-SGD at every site with an epsilon budget; central: server-side clipping and noise (default off)",
+    )
+    group.add_argument("--target-epsilon", type=float, help="epsilon budget of the whole run (local)")
+    group.add_argument("--target-delta", type=float, help="delta of the guarantee (local), e.g. 1e-5")
+    group.add_argument("--noise-multiplier", type=float, help="fixed noise multiplier (local: instead of calibrating to --target-epsilon)")
+    group.add_argument("--max-grad-norm", type=float, help="per-sample (local) or per-site-update (central) clipping norm")
+    group.add_argument("--no-poisson-sampling", action="store_true", help="shuffled instead of Poisson-sampled batches (local)")
+    group.add_argument(
+        "--grad-sample-mode", choices=["auto", "hooks", "functorch", "ghost"], default="auto", help="Opacus per-sample-gradient mode"
+    )
+
+
+def privacy_config_from_args(args: argparse.Namespace) -> PrivacyConfig:
+    """The validated privacy settings the command line describes (ValueError with the fix when inconsistent)."""
+    return PrivacyConfig(
+        mode=args.privacy,
+        target_epsilon=args.target_epsilon,
+        target_delta=args.target_delta,
+        noise_multiplier=args.noise_multiplier,
+        max_grad_norm=args.max_grad_norm,
+        poisson_sampling=not args.no_poisson_sampling,
+        grad_sample_mode=args.grad_sample_mode,
+    )
+
+
+def print_privacy_outcome(run, run_folder: Path, summary: dict) -> None:
+    """Print (and add to the summary) the epsilon the sites spent and why the run stopped early, if it did."""
+    path = Path(run_folder) / "privacy.json"
+    if run.privacy.mode == "off" or not path.exists():
+        return
+    privacy = json.loads(path.read_text())
+    summary["privacy"] = {
+        "mode": run.privacy.mode,
+        "epsilon_spent_max": privacy["epsilon_spent_max"],
+        "epsilon_budget": privacy["epsilon_budget"],
+        "delta": privacy["delta"],
+        "stopped_early": privacy["stopped_early"],
+    }
+    if run.privacy.local:
+        per_site = ", ".join(f"{site} {entry['epsilon']:.3f}" for site, entry in sorted(privacy["sites"].items()))
+        budget = f" of budget {privacy['epsilon_budget']}" if privacy["epsilon_budget"] is not None else ""
+        print(f"privacy (DP-SGD, delta {privacy['delta']}): epsilon spent {privacy['epsilon_spent_max']:.3f}{budget}; per site: {per_site}")
+    else:
+        print(f"privacy (central): noise multiplier {run.privacy.noise_multiplier}, clipping norm {run.privacy.max_grad_norm}")
+    if privacy["stopped_early"]:
+        print(f"stopped early: {privacy['stopped_early']['reason']}")
