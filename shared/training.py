@@ -44,6 +44,14 @@ def cosine_learning_rate(base_rate: float, min_ratio: float, progress: float) ->
     return floor + (base_rate - floor) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
+def set_cosine_step_rate(optimizer: torch.optim.Optimizer, start: float, end: float, step: int, total_steps: int) -> float:
+    """Set (and return) the rate before `step` on a cosine from `start` to `end` over `total_steps` local steps."""
+    rate = end + (start - end) * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+    for group in optimizer.param_groups:
+        group["lr"] = rate
+    return rate
+
+
 class FocalLoss(nn.Module):
     """Focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_true)^gamma, optional class weights."""
 
@@ -140,12 +148,7 @@ def train_epochs(
             for batch_index, (images, labels) in enumerate(loader):
                 if batch_index >= steps_per_epoch:
                     break
-                # Rate before this step on a cosine from the start to the end rate over all local steps.
-                rate = learning_rate_end + (learning_rate_start - learning_rate_end) * 0.5 * (
-                    1 + math.cos(math.pi * step / total_steps)
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = rate
+                rate = set_cosine_step_rate(optimizer, learning_rate_start, learning_rate_end, step, total_steps)
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)

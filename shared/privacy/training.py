@@ -23,7 +23,7 @@ from shared.models.classifier import model_normalisation
 from shared.precision import Precision
 from shared.privacy.accounting import PrivacyBudgetExceeded, PrivacyLedger, RoundSchedule
 from shared.privacy.model_preparation import grad_sample_mode_for, is_prepared_for_privacy
-from shared.training import TrainResult, inverse_frequency_weights, place_model
+from shared.training import TrainResult, inverse_frequency_weights, place_model, set_cosine_step_rate
 
 
 @dataclass
@@ -175,11 +175,7 @@ def train_privately(
                 for batch_index, (batch_images, labels) in enumerate(private_loader):
                     if batch_index >= steps_per_epoch:
                         break
-                    rate = learning_rate_end + (learning_rate_start - learning_rate_end) * 0.5 * (
-                        1 + math.cos(math.pi * step / total_steps)
-                    )
-                    for group in private_optimizer.param_groups:
-                        group["lr"] = rate
+                    set_cosine_step_rate(private_optimizer, learning_rate_start, learning_rate_end, step, total_steps)
                     batch_images = batch_images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                     labels = labels.to(device, non_blocking=True)
                     private_optimizer.zero_grad(set_to_none=True)
