@@ -14,6 +14,8 @@ WEIGHT_KEY = "num-examples"
 _SECONDS_KEYS = ("train-seconds",)
 _MAXIMUM_KEYS = ("epsilon", "epsilon-next-round", "delta")
 """Privacy figures: the round's guarantee is the weakest site's, so they aggregate to the maximum."""
+_SUM_KEYS = ("feedback-examples",)
+"""Counts over the federation (clinician feedback cases trained on): summed, not averaged."""
 
 
 def _metric_record(record: RecordDict) -> MetricRecord:
@@ -33,7 +35,8 @@ def aggregate_site_metrics(records: list[RecordDict], weighted_by_key: str = WEI
 
     A confusion matrix is summed, and accuracy / balanced accuracy are recomputed from the sum:
     the exact pooled figures over all sites' test images. `mean-site-balanced-accuracy` is the
-    unweighted mean over sites (FLamby's figure). Time keys take the slowest site. Every other
+    unweighted mean over sites (FLamby's figure). Time keys take the slowest site, counts such as
+    `feedback-examples` are summed. Every other
     scalar or list is an example-weighted mean that ignores NaN (metrics a site cannot define).
     """
     metrics = [_metric_record(record) for record in records]
@@ -45,7 +48,9 @@ def aggregate_site_metrics(records: list[RecordDict], weighted_by_key: str = WEI
         values = [metric[key] for metric in metrics]
         if key == CONFUSION_KEY:
             continue
-        if key in _SECONDS_KEYS or key in _MAXIMUM_KEYS:
+        if key in _SUM_KEYS:
+            aggregated[key] = int(sum(int(value) for value in values))
+        elif key in _SECONDS_KEYS or key in _MAXIMUM_KEYS:
             aggregated[key] = float(max(values))
         elif isinstance(values[0], list):
             columns = zip(*values, strict=True)

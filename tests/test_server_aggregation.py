@@ -48,3 +48,11 @@ def test_time_is_the_slowest_site_not_an_average():
 def test_all_nan_stays_nan():
     replies = [_reply(5, [[1, 0], [0, 1]], 1.0, float("nan")), _reply(5, [[1, 0], [0, 1]], 1.0, float("nan"))]
     assert math.isnan(aggregate_site_metrics(replies)["macro-auc"])
+
+
+def test_feedback_cases_are_counted_over_the_federation_not_averaged():
+    replies = [
+        RecordDict({"metrics": MetricRecord({"num-examples": 30, "train-loss": 1.0, "feedback-examples": 4})}),
+        RecordDict({"metrics": MetricRecord({"num-examples": 10, "train-loss": 2.0, "feedback-examples": 1})}),
+    ]
+    assert aggregate_site_metrics(replies)["feedback-examples"] == 5
