@@ -35,7 +35,7 @@ def _global_model(message: Message, instructions: RoundInstructions, device: tor
     run = instructions.run
     model = build_classifier(run.model, num_classes=len(run.classes))
     if run.privacy.mode != "off":
-        prepare_for_private_training(model)
+        prepare_for_private_training(model, run.privacy.trainable_stages)
     arrays = {name: array.numpy() for name, array in message.content["arrays"].items()}
     load_arrays_into(model, arrays)
     return model.to(device), arrays

@@ -13,6 +13,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.privacy_round import ledger_id_of
 from shared.config import ModelConfig, RunConfig
 from shared.data.cache import CachedImages
 from shared.device import resolve_device
@@ -22,6 +23,9 @@ from shared.gan.models import build_gan, gan_to_arrays, load_gan_arrays
 from shared.gan.quality import frechet_distance
 from shared.gan.training import at_gan_resolution, generate, to_uint8_hwc, train_gan_locally
 from shared.models.classifier import build_classifier
+from shared.privacy.accounting import PrivacyLedger, RoundSchedule
+from shared.privacy.gan_training import train_gan_privately
+from shared.privacy.training import private_train_metrics
 from shared.weights import load_arrays_into
 
 GAN_TRAIN_ACTION = "gan"
@@ -116,14 +120,25 @@ def register_gan_handlers(app: ClientApp, source) -> None:
         load_gan_arrays(generator, discriminator, _arrays_of(message.content["arrays"]))
         train_images = site.images.select("train")
         seed = _site_seed(run, server_round, site.name)
-        result = train_gan_locally(generator, discriminator, train_images, config=run.gan, device=device, seed=seed)
-        metrics = {
+        metrics = {}
+        if run.privacy.local:
+            ledger = PrivacyLedger.open(source.privacy_state_dir(context), site.name, ledger_id_of(message, context), run.privacy.target_delta)
+            result = train_gan_privately(
+                generator, discriminator, train_images, run=run, ledger=ledger, server_round=server_round, device=device, seed=seed
+            )
+            metrics.update(private_train_metrics(result))
+            metrics["epsilon-next-classifier-round"] = ledger.epsilon_after(RoundSchedule.for_site(run, len(train_images)))
+        else:
+            result = train_gan_locally(generator, discriminator, train_images, config=run.gan, device=device, seed=seed)
+        metrics.update({
             "num-examples": len(train_images),
             "discriminator-loss": result.discriminator_loss,
             "generator-loss": result.generator_loss,
             "train-seconds": result.seconds,
-        }
-        if bool(config[QUALITY_KEY]):
+        })
+        # The Frechet distance summarises the site's real images (mean and covariance of their
+        # features), which DP-SGD does not cover: it is not sent from a private run.
+        if bool(config[QUALITY_KEY]) and not run.privacy.local:
             metrics["frechet-distance"] = _site_frechet_distance(generator, feature_model_from(message), train_images, run, seed)
         reply = RecordDict(
             {

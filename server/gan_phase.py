@@ -25,6 +25,7 @@ from client.gan_handlers import (
     RUN_KEY,
 )
 from server.history import write_json_atomically
+from server.privacy_budget import PrivacyBudget
 from server.strategy import site_name_of
 from shared.config import RunConfig
 from shared.errors import ModelError, SkinFLError
@@ -114,18 +115,17 @@ def run_gan_phase(grid: Grid, run: RunConfig, run_folder: Path, features: Featur
     classifier = _array_record(features.arrays)
     run_json = run.model_dump_json()
     nodes = _site_nodes(grid, run, num_sites)
+    budget = PrivacyBudget(run, run_folder) if run.privacy.local else None
     for server_round in range(gan.start_round, gan.rounds + 1):
         started = time.monotonic()
         quality = server_round % gan.grid_every == 0 or server_round == gan.rounds
-        content = RecordDict(
-            {
-                "arrays": _array_record(gan_to_arrays(generator, discriminator)),
-                "config": ConfigRecord(
-                    {RUN_KEY: run_json, ROUND_KEY: server_round, QUALITY_KEY: quality,
-                     FEATURE_MODEL_KEY: features.model_name, FEATURE_CLASSES_KEY: features.num_classes}
-                ),
-            }
+        config = ConfigRecord(
+            {RUN_KEY: run_json, ROUND_KEY: server_round, QUALITY_KEY: quality,
+             FEATURE_MODEL_KEY: features.model_name, FEATURE_CLASSES_KEY: features.num_classes}
         )
+        if budget is not None and budget.before_gan_round(server_round, config) is not None:
+            break
+        content = RecordDict({"arrays": _array_record(gan_to_arrays(generator, discriminator)), "config": config})
         if quality:
             content["classifier"] = classifier
         replies = _exchange(grid, run, nodes, content, GAN_TRAIN_MESSAGE, f"gan-round-{server_round}")
@@ -136,6 +136,8 @@ def run_gan_phase(grid: Grid, run: RunConfig, run_folder: Path, features: Featur
             {"round": server_round, "gan": gan.model_dump(mode="json"), "seed": run.seed},
         )
         entry = _round_entry(server_round, replies, time.monotonic() - started)
+        if budget is not None:
+            entry["privacy"] = budget.after_gan_round(server_round, replies)
         if quality:
             save_class_grid(generator, run.classes, folder / "grids" / f"round_{server_round:03d}.png", seed=run.seed)
         outcome.history.append(entry)

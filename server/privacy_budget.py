@@ -36,6 +36,22 @@ def _site_name(reply: Message) -> str:
     return f"node-{reply.metadata.src_node_id}"
 
 
+def _site_privacy_metrics(replies: list[Message], what: str) -> dict[str, dict]:
+    """Each successful site's train metrics; a site that trained `what` without reporting epsilon is an error."""
+    found = {}
+    for reply in replies:
+        if reply.has_error():
+            continue
+        metrics = next(iter(reply.content.metric_records.values()))
+        if "epsilon" not in metrics:
+            raise SkinFLError(
+                f"site {_site_name(reply)} trained {what} without reporting epsilon, in a run with privacy.mode "
+                "'local'; update skin-fl at that site"
+            )
+        found[_site_name(reply)] = metrics
+    return found
+
+
 class PrivacyBudget:
     """Tracks every site's reported epsilon, writes privacy.json, and stops the run before the budget is passed.
 
@@ -51,6 +67,7 @@ class PrivacyBudget:
         self.sites: dict[str, dict] = {}
         self.rounds: list[dict] = []
         self.stopped: dict | None = None
+        self.gan_stopped: dict | None = None
         self._restore()
         self.save()
 
@@ -61,6 +78,7 @@ class PrivacyBudget:
             self.ledger_id = saved.get("ledger_id", self.ledger_id)
             self.sites = dict(saved.get("sites", {}))
             self.rounds = list(saved.get("rounds", []))
+            self.gan_stopped = saved.get("gan_phase_stopped_early")
             return
         history_path = self.run_folder / "history.json"
         if history_path.exists():
@@ -97,31 +115,70 @@ class PrivacyBudget:
                 f"{self.run.federation.rounds} rounds"
             )
             self.stopped = {"before_round": server_round, "reason": message}
-            self.save()
-            logger.warning(message)
-            print(message, flush=True)
+            self._announce_stop(message)
             raise PrivacyBudgetReached(message, arrays, server_round - 1)
+
+    def before_gan_round(self, server_round: int, config: ConfigRecord) -> str | None:
+        """Name the ledger for the sites; the reason to end the GAN phase when round `server_round` would pass the budget."""
+        if not self.run.privacy.local:
+            return None
+        config[LEDGER_KEY] = self.ledger_id
+        budget = self.run.privacy.target_epsilon
+        following = {name: site["epsilon_next_gan_round"] for name, site in self.sites.items() if "epsilon_next_gan_round" in site}
+        if budget is None or not following:
+            return None
+        worst = max(following, key=following.get)
+        if following[worst] <= budget + 1e-9:
+            return None
+        message = (
+            f"privacy budget reached in the GAN phase: GAN round {server_round} would take site {worst} from epsilon "
+            f"{self.sites[worst]['epsilon']:.3f} to {following[worst]:.3f}, past the budget {budget}; the GAN phase "
+            f"ends after {server_round - 1} of {self.run.gan.rounds} rounds"
+        )
+        self.gan_stopped = {"before_gan_round": server_round, "reason": message}
+        self._announce_stop(message)
+        return message
+
+    def _announce_stop(self, message: str) -> None:
+        """Save why training stopped, and say it in the log and on the console."""
+        self.save()
+        logger.warning(message)
+        print(message, flush=True)
+
+    def after_gan_round(self, server_round: int, replies: list[Message]) -> dict:
+        """Record the epsilon each site reported for GAN round `server_round`; returns the round's privacy entry."""
+        if not self.run.privacy.local:
+            return {}
+        reported = {
+            site: {
+                "epsilon": float(metrics["epsilon"]),
+                # What the classifier phase checks before its first round.
+                "epsilon_next_round": float(metrics["epsilon-next-classifier-round"]),
+                "epsilon_next_gan_round": float(metrics["epsilon-next-round"]),
+                "noise_multiplier": float(metrics["noise-multiplier"]),
+                "round": f"gan-{server_round}",
+            }
+            for site, metrics in _site_privacy_metrics(replies, f"GAN round {server_round}").items()
+        }
+        self.sites.update(reported)
+        entry = {"round": f"gan-{server_round}", "epsilon_max": self.epsilon_spent, "sites": reported}
+        self.rounds = [item for item in self.rounds if item["round"] != entry["round"]] + [entry]
+        self.save()
+        return {key: value for key, value in entry.items() if key != "round"}
 
     def after_train(self, server_round: int, replies: list[Message], history: MetricHistory) -> None:
         """Record the epsilon each site reported for `server_round`, in privacy.json and the history."""
         if not self.run.privacy.local:
             return
-        reported = {}
-        for reply in replies:
-            if reply.has_error():
-                continue
-            metrics = next(iter(reply.content.metric_records.values()))
-            if "epsilon" not in metrics:
-                raise SkinFLError(
-                    f"site {_site_name(reply)} trained round {server_round} without reporting epsilon, in a run "
-                    "with privacy.mode 'local'; update skin-fl at that site"
-                )
-            reported[_site_name(reply)] = {
+        reported = {
+            site: {
                 "epsilon": float(metrics["epsilon"]),
                 "epsilon_next_round": float(metrics["epsilon-next-round"]),
                 "noise_multiplier": float(metrics["noise-multiplier"]),
                 "round": server_round,
             }
+            for site, metrics in _site_privacy_metrics(replies, f"round {server_round}").items()
+        }
         self.sites.update(reported)
         entry = {
             "round": server_round,
@@ -151,6 +208,7 @@ class PrivacyBudget:
             "sites": self.sites,
             "rounds": self.rounds,
             "stopped_early": self.stopped,
+            "gan_phase_stopped_early": self.gan_stopped,
         }
         self.run_folder.mkdir(parents=True, exist_ok=True)
         write_json_atomically(self.run_folder / PRIVACY_FILE, _finite(payload))

@@ -124,7 +124,11 @@ class GanConfig(StrictModel):
     batch_size: int = Field(32, ge=2, le=1024, description="Real (and fake) images per GAN step.")
     generator_learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Adam rate of the generator.")
     discriminator_learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Adam rate of the discriminator.")
-    balanced_batches: bool = Field(True, description="Draw real GAN batches class-balanced, so rare classes are learnt too.")
+    balanced_batches: bool | None = Field(
+        None,
+        description="Draw real GAN batches class-balanced, so rare classes are learnt too (None: balanced, except under "
+        "local DP-SGD, whose accounting needs every image sampled with the same probability).",
+    )
     amp: Literal["auto", "on", "off"] = Field("auto", description="Mixed precision of GAN training (as train.amp).")
     grid_every: int = Field(1, ge=1, description="Write a per-class sample grid PNG (and quality figures) every K GAN rounds.")
     augment: bool = Field(False, description="Add selected synthetic images of the site's minority classes to its training split.")
@@ -206,15 +210,25 @@ class PrivacyConfig(StrictModel):
         None, gt=0, description="Local: per-sample gradient clipping norm (replaces train.grad_clip_norm); central: clipping norm of each site's update."
     )
     poisson_sampling: bool = Field(True, description="Local: Poisson-sampled batches, which the RDP accounting assumes.")
+    trainable_stages: int | None = Field(
+        None,
+        ge=0,
+        le=16,
+        description="Local: train only the classifier's last N feature stages and its head under DP-SGD (0 = the "
+        "classification layer only, a linear probe); the layers before stay frozen with their pretrained BatchNorm "
+        "statistics. Fewer noised parameters and faster steps; None = the whole network.",
+    )
     grad_sample_mode: Literal["auto", "hooks", "functorch", "ghost"] = Field(
-        "auto", description="Local: how Opacus computes per-sample gradients; auto = the fastest measured for the architecture."
+        "auto",
+        description="Local: how Opacus computes per-sample gradients of the classifier; auto = the fastest measured for the "
+        "architecture. The GAN discriminator uses hooks, or functorch when that is chosen here.",
     )
 
     @model_validator(mode="after")
     def _complete_for_its_mode(self) -> PrivacyConfig:
         given = [
             name
-            for name in ("target_epsilon", "target_delta", "noise_multiplier", "max_grad_norm")
+            for name in ("target_epsilon", "target_delta", "noise_multiplier", "max_grad_norm", "trainable_stages")
             if getattr(self, name) is not None
         ]
         defaults = (("poisson_sampling", True), ("grad_sample_mode", "auto"))
@@ -241,7 +255,7 @@ class PrivacyConfig(StrictModel):
                 "central differential privacy needs noise_multiplier and max_grad_norm (the clipping norm of a "
                 "site's update); give both"
             )
-        unused = [name for name in ("target_epsilon", "target_delta") if getattr(self, name) is not None] + changed
+        unused = [name for name in ("target_epsilon", "target_delta", "trainable_stages") if getattr(self, name) is not None] + changed
         if unused:
             raise ValueError(
                 f"{unused} apply to local DP-SGD only; central mode (server-side clipping and noise) has no "
@@ -317,10 +331,16 @@ class RunConfig(StrictModel):
                 "DP-SGD replaces each step's gradient by a clipped, noised one, which drops FedProx's proximal "
                 "term; use strategy fedavg or fedadam with privacy.mode 'local'"
             )
-        if self.gan.active:
+        if self.gan.balanced_batches:
             raise ValueError(
-                "the GAN phase trains on site images outside the DP-SGD budget; set gan.rounds 0 and gan.augment "
-                "off in a run with privacy.mode 'local'"
+                "gan.balanced_batches draws rare-class images more often, which the DP-SGD accounting of the "
+                "discriminator cannot allow; leave it unset (Poisson sampling under DP) or use privacy.mode 'off'"
+            )
+        if self.gan.augment:
+            raise ValueError(
+                "gan.augment selects synthetic images by comparing them with the site's real images (memorisation "
+                "guard, duplicate threshold), outside the DP-SGD budget; in a run with privacy.mode 'local' train "
+                "the GAN privately (gan.rounds) without gan.augment, and sample it with skin-fl-gan-sample"
             )
         return self
 
@@ -371,6 +391,7 @@ FLOWER_RUN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "privacy-max-grad-norm": ("privacy", "max_grad_norm"),
     "privacy-poisson-sampling": ("privacy", "poisson_sampling"),
     "privacy-grad-sample-mode": ("privacy", "grad_sample_mode"),
+    "privacy-trainable-stages": ("privacy", "trainable_stages"),
     "site-reports": ("report", "site_reports"),
     "report-gallery-size": ("report", "gallery_per_class"),
     "report-gradcam-method": ("report", "gradcam_method"),
@@ -379,6 +400,8 @@ FLOWER_RUN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
 
 _UNSET_NUMBER = 0
 """Flower config values cannot be None: 0 means 'off' for the optional numeric keys."""
+_WHOLE_NETWORK = -1
+"""`privacy-trainable-stages` value for training every layer (None in `PrivacyConfig`)."""
 _PRIVACY_NUMBER_KEYS = ("privacy-target-epsilon", "privacy-target-delta", "privacy-noise-multiplier", "privacy-max-grad-norm")
 
 
@@ -397,6 +420,8 @@ def run_config_from_flower(flat: dict) -> RunConfig:
         if key in ("grad-clip-norm", "max-steps-per-epoch", *_PRIVACY_NUMBER_KEYS) and value == _UNSET_NUMBER:
             value = None
         if key in ("gan-generator", "gan-feature-classifier") and value == "":
+            value = None
+        if key == "privacy-trainable-stages" and value == _WHOLE_NETWORK:
             value = None
         target = nested
         for part in path[:-1]:

@@ -35,7 +35,10 @@ def _site_training_images(data: Path, image_size: int, cache_dir: Path, seed: in
 class StepTimer:
     """Seconds per optimiser step of plain training (BatchNorm model) or DP-SGD (prepared model) on real images."""
 
-    def __init__(self, architecture: str, images, classes, *, private: bool, mode: str, batch_size: int, amp: str, pretrained: str) -> None:
+    def __init__(
+        self, architecture: str, images, classes, *, private: bool, mode: str, batch_size: int, amp: str, pretrained: str,
+        trainable_stages: int | None = None,
+    ) -> None:
         import torch
 
         from shared.config import RunConfig
@@ -45,17 +48,21 @@ class StepTimer:
 
         self.architecture, self.images, self.classes = architecture, images, classes
         self.private, self.mode, self.batch_size, self.amp = private, mode, batch_size, amp
+        self.trainable_stages = trainable_stages
         self.device = torch.device("cpu")
         self.model = build_classifier(RunConfig(classes=classes, model={"name": architecture, "pretrained": pretrained}).model, len(classes))
         if private:
-            prepare_for_private_training(self.model)
+            prepare_for_private_training(self.model, trainable_stages)
         self.precision = precision_for(self.model, self._run(1).train, self.device, int(images.images.shape[1]), private=private)
         self.calls = 0
 
     def _run(self, steps: int):
         from shared.config import RunConfig
 
-        privacy = {"mode": "local", "noise_multiplier": 1.0, "target_delta": 1e-5, "max_grad_norm": 1.0, "grad_sample_mode": self.mode}
+        privacy = {
+            "mode": "local", "noise_multiplier": 1.0, "target_delta": 1e-5, "max_grad_norm": 1.0, "grad_sample_mode": self.mode,
+            "trainable_stages": self.trainable_stages,
+        }
         return RunConfig(
             classes=self.classes,
             model={"name": self.architecture, "pretrained": "none"},
@@ -106,10 +113,12 @@ def federated_accuracy(args, epsilon: float | None, site_images_holder: dict) ->
         "--batch-size", str(args.batch_size), "--max-steps-per-epoch", str(args.max_steps_per_epoch),
         "--balance", "none", "--loss", "weighted-ce", "--lr", str(args.lr), "--model", args.model,
         "--runs-dir", str(args.runs_dir), "--cache-dir", str(args.cache_dir), "--seed", str(args.seed),
-        "--name", f"privacy-eps{epsilon}" if epsilon is not None else "privacy-none",
+        "--name", "privacy-none" if epsilon is None else f"privacy-eps{epsilon}" + ("" if args.trainable_stages is None else f"-stages{args.trainable_stages}"),
     ]
     if epsilon is not None:
         options += ["--privacy", "local", "--target-epsilon", str(epsilon), "--target-delta", str(args.delta), "--max-grad-norm", str(args.max_grad_norm)]
+        if args.trainable_stages is not None:
+            options += ["--trainable-stages", str(args.trainable_stages)]
     started = time.monotonic()
     outcome = run_simulation_command(build_parser().parse_args(options))
     wall = time.monotonic() - started
@@ -141,14 +150,21 @@ def step_time_figures(args) -> dict:
         "plain": StepTimer(args.model, images, classes, private=False, mode=mode, **common),
         "dp": StepTimer(args.model, images, classes, private=True, mode=mode, **common),
     }
+    if args.trainable_stages is not None:
+        timers["dp-partial"] = StepTimer(args.model, images, classes, private=True, mode=mode, trainable_stages=args.trainable_stages, **common)
     seconds = interleaved_seconds(timers, args.timing_steps, args.timing_repeats)
     figures["step_time"] = {
         "model": args.model, "mode": mode, "image_size": args.timing_image_size, "batch_size": args.batch_size,
         "seconds_per_step": seconds, "precision": {name: timer.precision.name for name, timer in timers.items()},
         "ratio_dp_over_plain": seconds["dp"] / seconds["plain"],
+        "trainable_stages": args.trainable_stages,
     }
-    print(f"{args.model}: plain {seconds['plain']:.3f} s/step ({timers['plain'].precision.name}), DP-SGD ({mode}) "
+    print(f"{args.model}: plain {seconds['plain']:.3f} s/step ({timers['plain'].precision.name}), DP-SGD ({mode}, every layer) "
           f"{seconds['dp']:.3f} s/step ({timers['dp'].precision.name}): {figures['step_time']['ratio_dp_over_plain']:.2f}x (target <= 2x)")
+    if "dp-partial" in seconds:
+        figures["step_time"]["ratio_dp_partial_over_plain"] = seconds["dp-partial"] / seconds["plain"]
+        print(f"  DP-SGD training the last {args.trainable_stages} stage(s) and the head: {seconds['dp-partial']:.3f} s/step "
+              f"({timers['dp-partial'].precision.name}): {figures['step_time']['ratio_dp_partial_over_plain']:.2f}x plain (every layer)")
 
     if args.modes:
         _, small, _ = _site_training_images(args.data, args.mode_image_size, args.cache_dir, args.seed)
@@ -176,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing-repeats", type=int, default=3, help="alternating timed calls per configuration; the fastest counts")
     parser.add_argument("--mode-batch-size", type=int, default=16)
     parser.add_argument("--skip-timing", action="store_true", help="only the accuracy runs")
+    parser.add_argument("--skip-baseline", action="store_true", help="no accuracy run without DP")
     parser.add_argument("--modes", action="store_true", help="also time hooks / functorch / ghost for every offered architecture")
     parser.add_argument("--mode-image-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
@@ -184,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilons", default="1,3,8", help="comma-separated target epsilons ('' skips the accuracy runs)")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument(
+        "--trainable-stages", type=int, default=None,
+        help="DP runs train only the last N stages and the head (0 = head only); also timed against plain training",
+    )
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SKIN_FL_CACHE_DIR", Path.home() / ".cache" / "skin-fl")))
     parser.add_argument("--seed", type=int, default=0)
@@ -197,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     epsilons = [float(value) for value in args.epsilons.split(",") if value.strip()]
     if epsilons:
         holder: dict = {}
-        report["accuracy"] = [federated_accuracy(args, None, holder)] + [federated_accuracy(args, epsilon, holder) for epsilon in epsilons]
-        print(f"\nbalanced accuracy, pooled lesion-disjoint test split, {args.model}, {args.rounds} rounds x "
+        baseline = [] if args.skip_baseline else [federated_accuracy(args, None, holder)]
+        report["accuracy"] = baseline + [federated_accuracy(args, epsilon, holder) for epsilon in epsilons]
+        trained = "every layer" if args.trainable_stages is None else f"DP runs train the last {args.trainable_stages} stage(s) and the head"
+        print(f"\nbalanced accuracy ({trained}), pooled lesion-disjoint test split, {args.model}, {args.rounds} rounds x "
               f"{args.max_steps_per_epoch} steps x batch {args.batch_size}, {args.image_size} px, delta {args.delta}")
         for row in report["accuracy"]:
             label = "no DP" if row["epsilon_target"] is None else f"eps {row['epsilon_target']:g}"

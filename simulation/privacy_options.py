@@ -26,6 +26,11 @@ def add_privacy_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--grad-sample-mode", choices=["auto", "hooks", "functorch", "ghost"], default="auto", help="Opacus per-sample-gradient mode"
     )
+    group.add_argument(
+        "--trainable-stages",
+        type=int,
+        help="local: train only the last N feature stages and the head (0 = head only), the rest frozen pretrained (default: all)",
+    )
 
 
 def privacy_config_from_args(args: argparse.Namespace) -> PrivacyConfig:
@@ -38,6 +43,7 @@ def privacy_config_from_args(args: argparse.Namespace) -> PrivacyConfig:
         max_grad_norm=args.max_grad_norm,
         poisson_sampling=not args.no_poisson_sampling,
         grad_sample_mode=args.grad_sample_mode,
+        trainable_stages=args.trainable_stages,
     )
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from server.aggregation import aggregate_site_metrics
 from server.history import MetricHistory
 from server.privacy_budget import LEDGER_KEY, PRIVACY_FILE, PrivacyBudget, PrivacyBudgetReached
-from shared.config import PrivacyConfig, RunConfig, run_config_from_flower
+from shared.config import GanConfig, PrivacyConfig, RunConfig, run_config_from_flower
 from shared.data.cache import CachedImages
 from shared.errors import ConfigError, ModelError
 from shared.models.classifier import load_classifier, save_classifier
@@ -29,7 +29,8 @@ from shared.privacy.model_preparation import (
     is_prepared_for_privacy,
     prepare_for_private_training,
 )
-from shared.privacy.training import check_private_precision, train_privately
+from shared.privacy.per_sample_gradients import install_fast_per_sample_gradients
+from shared.privacy.training import check_private_precision, quiet_opacus, train_privately
 
 LOCAL = {"mode": "local", "target_epsilon": 3.0, "target_delta": 1e-4, "max_grad_norm": 1.0}
 CLASSES = ["mel", "nv", "bcc"]
@@ -82,8 +83,11 @@ def test_privacy_contradicting_the_run_is_an_error_with_the_fix():
         RunConfig(privacy=LOCAL)
     with pytest.raises(ValueError, match="use strategy fedavg or fedadam"):
         RunConfig(privacy=LOCAL, train={"balance": "none"}, federation={"strategy": "fedprox"})
-    with pytest.raises(ValueError, match="GAN phase trains on site images outside the DP-SGD budget"):
-        RunConfig(privacy=LOCAL, train={"balance": "none"}, gan={"rounds": 2})
+    assert RunConfig(privacy=LOCAL, train={"balance": "none"}, gan={"rounds": 2}).gan.rounds == 2
+    with pytest.raises(ValueError, match="leave it unset \\(Poisson sampling under DP\\)"):
+        RunConfig(privacy=LOCAL, train={"balance": "none"}, gan={"rounds": 2, "balanced_batches": True})
+    with pytest.raises(ValueError, match="gan.augment selects synthetic images by comparing them with the site's real images"):
+        RunConfig(privacy=LOCAL, train={"balance": "none"}, gan={"rounds": 2, "augment": True})
 
 
 def test_flower_run_config_keys_carry_the_privacy_settings_and_zero_means_unset():
@@ -118,6 +122,46 @@ def test_every_offered_architecture_is_prepared_without_batch_norm_or_in_place_o
     assert grad_sample_mode_for(name) in ("hooks", "functorch", "ghost")
 
 
+@pytest.mark.parametrize("name,first_trained", [("tf_efficientnet_lite0", "classifier.weight"), ("resnet18", "fc.weight")])
+def test_head_only_preparation_freezes_the_backbone_with_its_batch_norm_statistics(name, first_trained, tmp_path):
+    from timm.layers.norm_act import FrozenBatchNorm2d, FrozenBatchNormAct2d
+
+    model = timm.create_model(name, pretrained=False, num_classes=3)
+    first_norm = next(module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm))
+    with torch.no_grad():
+        first_norm.running_mean.fill_(0.25)
+    prepare_for_private_training(model, trainable_stages=0)
+    trained = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    assert trained == [first_trained, first_trained.replace("weight", "bias")]
+    frozen_norms = [module for module in model.modules() if isinstance(module, (FrozenBatchNorm2d, FrozenBatchNormAct2d))]
+    assert frozen_norms and torch.all(frozen_norms[0].running_mean == 0.25)
+    assert not any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+    with pytest.raises(ModelError, match="prepared for DP-SGD training 0 stages, not None"):
+        prepare_for_private_training(model)
+    path = save_classifier(tmp_path / "model.pt", model, model_name=name, classes=CLASSES, preprocess=RunConfig().preprocess)
+    loaded, saved = load_classifier(path)
+    assert saved.metadata["dp_trainable_stages"] == 0
+    assert [name for name, parameter in loaded.named_parameters() if parameter.requires_grad] == trained
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(loaded(images), model.eval()(images), atol=1e-5)
+
+
+def test_one_trainable_stage_trains_the_last_stage_and_everything_after_it():
+    model = prepare_for_private_training(timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3), trainable_stages=1)
+    trained = {name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("blocks") else "") for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert trained == {"blocks.5", "blocks.6", "conv_head", "bn2", "classifier"}
+
+
+def test_trainable_stages_is_a_local_dp_setting_and_minus_one_means_every_layer():
+    with pytest.raises(ValueError, match="privacy.mode is 'off'"):
+        PrivacyConfig(trainable_stages=0)
+    with pytest.raises(ValueError, match="apply to local DP-SGD only"):
+        PrivacyConfig(mode="central", noise_multiplier=1.0, max_grad_norm=1.0, trainable_stages=1)
+    flat = {"balance": "none", "privacy-mode": "local", "privacy-target-epsilon": 3.0, "privacy-target-delta": 1e-5, "privacy-max-grad-norm": 1.0}
+    assert run_config_from_flower({**flat, "privacy-trainable-stages": -1}).privacy.trainable_stages is None
+    assert run_config_from_flower({**flat, "privacy-trainable-stages": 0}).privacy.trainable_stages == 0
+
+
 def test_group_norm_keeps_the_pretrained_scale_and_shift():
     model = timm.create_model("resnet18", pretrained=False, num_classes=3)
     with torch.no_grad():
@@ -139,30 +183,59 @@ def test_a_saved_private_model_loads_with_its_group_norm_layers(tmp_path):
         assert torch.equal(loaded.state_dict()[key], tensor)
 
 
-def test_per_sample_gradients_of_the_default_model_match_one_backward_per_image():
-    """The mode chosen for the default model computes exact per-sample gradients (GroupNormAct included)."""
+def _assert_exact_per_sample_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mode: str) -> None:
+    """Per-sample gradients from Opacus (`mode`) equal one backward per image, for every parameter."""
     from opacus.grad_sample import wrap_model
 
-    torch.manual_seed(0)
-    model = prepare_for_private_training(timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3))
-    model.train()
-    images, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    install_fast_per_sample_gradients()
     expected = []
-    for row in range(3):
+    for row in range(len(images)):
         model.zero_grad()
         nn.functional.cross_entropy(model(images[row : row + 1]), labels[row : row + 1]).backward()
         expected.append({name: p.grad.clone() for name, p in model.named_parameters()})
     model.zero_grad()
-    wrapped = wrap_model(model, grad_sample_mode=grad_sample_mode_for("tf_efficientnet_lite0"), batch_first=True, loss_reduction="sum")
-    nn.functional.cross_entropy(wrapped(images), labels, reduction="sum").backward()
+    wrapped = wrap_model(model, grad_sample_mode=mode, batch_first=True, loss_reduction="sum")
+    with quiet_opacus():
+        nn.functional.cross_entropy(wrapped(images), labels, reduction="sum").backward()
     checked = 0
     for name, parameter in model.named_parameters():
-        for row in range(3):
+        for row in range(len(images)):
             difference = (parameter.grad_sample[row] - expected[row][name]).norm()
-            assert difference <= 1e-3 * expected[row][name].norm() + 1e-5, name
+            assert difference <= 1e-3 * expected[row][name].norm() + 1e-5, (name, mode)
         checked += 1
     assert checked == len(list(model.parameters()))
     wrapped._close()
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18", "efficientnet_b0"])
+def test_per_sample_gradients_of_every_offered_architecture_match_one_backward_per_image_in_channels_last(name):
+    """Both modes, on channels-last images as training feeds them (Opacus's own hooks-mode convolution sampler fails there)."""
+    torch.manual_seed(0)
+    model = prepare_for_private_training(timm.create_model(name, pretrained=False, num_classes=3)).train()
+    model = model.to(memory_format=torch.channels_last)
+    images = torch.randn(3, 3, 40, 40).contiguous(memory_format=torch.channels_last)
+    for mode in ("hooks", "functorch"):
+        _assert_exact_per_sample_gradients(model, images, torch.tensor([0, 1, 2]), mode)
+    assert grad_sample_mode_for(name) in ("hooks", "functorch")
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(4, 6, 1, stride=2, bias=True),
+    nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6),
+    nn.Conv2d(6, 6, 5, padding=4, dilation=2, groups=6, bias=True),
+    nn.Conv2d(6, 6, 3, padding="same", groups=6),
+    nn.Conv2d(4, 6, 3, stride=(2, 1), padding=(0, 2), groups=2, bias=True),
+    nn.Conv2d(4, 6, (3, 2), padding="same", dilation=2),
+], ids=["pointwise-stride", "depthwise-stride", "depthwise-dilated", "depthwise-same", "grouped", "same-dilated"])
+def test_the_fast_convolution_samplers_are_exact_for_every_kernel_shape(layer):
+    from timm.layers.conv2d_same import Conv2dSame
+
+    torch.manual_seed(0)
+    in_channels = layer.in_channels
+    for conv in (layer, Conv2dSame(in_channels, layer.out_channels, 3, stride=2, groups=layer.groups, bias=layer.bias is not None)):
+        model = nn.Sequential(nn.Conv2d(3, in_channels, 1), conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(layer.out_channels, 3))
+        images = torch.randn(3, 3, 11, 11).contiguous(memory_format=torch.channels_last)
+        _assert_exact_per_sample_gradients(model, images, torch.tensor([0, 1, 2]), "hooks")
 
 
 # --- accounting -------------------------------------------------------------------------------
@@ -175,7 +248,18 @@ def test_calibrated_noise_spends_the_target_epsilon_over_the_whole_run_not_one_r
     whole_run = epsilon_of([schedule.entry()] * run.federation.rounds, 1e-4)
     assert 3.0 - 0.02 <= whole_run <= 3.0
     assert epsilon_of([schedule.entry()], 1e-4) < whole_run
-    assert noise_multiplier_for(PrivacyConfig(**{**LOCAL, "noise_multiplier": 2.0}), 0.1, 10) == 2.0
+    assert noise_multiplier_for(PrivacyConfig(**{**LOCAL, "noise_multiplier": 2.0}), ((0.1, 10),)) == 2.0
+
+
+def test_one_noise_multiplier_spends_the_budget_over_the_gan_and_the_classifier_phases():
+    run = _run().model_copy(update={"gan": GanConfig(rounds=2, local_steps=5, batch_size=3)})
+    gan_round, classifier_round = RoundSchedule.for_gan(run, 12), RoundSchedule.for_site(run, 12)
+    assert gan_round.noise_multiplier == classifier_round.noise_multiplier > RoundSchedule.for_site(_run(), 12).noise_multiplier
+    assert gan_round.sample_rate == pytest.approx(1 / 4) and gan_round.steps == 5 and gan_round.run_steps == 2 * 5 + 3 * 2
+    whole_run = epsilon_of([gan_round.entry()] * 2 + [classifier_round.entry()] * 3, 1e-4)
+    assert 3.0 - 0.02 <= whole_run <= 3.0
+    with pytest.raises(ConfigError, match="over 10 steps at sampling rate 0.2500, 6 steps at sampling rate 0.3333"):
+        noise_multiplier_for(PrivacyConfig(**{**LOCAL, "target_epsilon": 1e-6}), ((0.25, 10), (1 / 3, 6)))
 
 
 def test_the_ledger_survives_a_restart_and_refuses_another_delta(tmp_path):
@@ -194,6 +278,21 @@ def test_a_grad_scaler_or_fp16_is_refused_under_dp():
     with pytest.raises(ConfigError, match="fp16"):
         check_private_precision(Precision(torch.float16, False, "cuda"))
     check_private_precision(Precision(torch.bfloat16, False, "cpu"))
+
+
+def test_a_head_only_private_round_leaves_the_frozen_backbone_untouched(tmp_path):
+    run = _run(trainable_stages=0)
+    model = prepare_for_private_training(timm.create_model("resnet18", pretrained=False, num_classes=3), run.privacy.trainable_stages)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    ledger = PrivacyLedger.open(tmp_path, "a", "run", 1e-4)
+    result = train_privately(
+        model, _images(), run=run, ledger=ledger, server_round=1, device=torch.device("cpu"),
+        precision=Precision(None, False, "cpu"), learning_rate_start=1e-2, learning_rate_end=1e-2, seed=0,
+    )
+    assert result.steps == 2 and result.epsilon > 0
+    after = model.state_dict()
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+    assert all(torch.equal(before[name], after[name]) for name in before if not name.startswith("fc."))
 
 
 def test_private_training_needs_a_prepared_model(tmp_path):

@@ -1,4 +1,4 @@
-"""End to end: a DP-SGD simulation that stops at its epsilon budget, and what a site actually sends."""
+"""End to end: a DP-SGD simulation (GAN and classifier) that stops at its epsilon budget, and what a site actually sends."""
 
 import json
 import pickle
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common.serde import recorddict_to_proto
@@ -28,6 +29,7 @@ def test_dp_simulation_reports_epsilon_every_round_and_stops_cleanly_at_the_budg
             "--max-steps-per-epoch", "2", "--balance", "none", "--pretrained", "none",
             "--privacy", "local", "--noise-multiplier", "1.0", "--target-epsilon", str(budget),
             "--target-delta", "1e-3", "--max-grad-norm", "1.0",
+            "--gan-rounds", "1", "--gan-image-size", "32", "--gan-channels", "8", "--gan-local-steps", "2", "--gan-batch-size", "8",
             "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
         ],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
@@ -37,10 +39,15 @@ def test_dp_simulation_reports_epsilon_every_round_and_stops_cleanly_at_the_budg
     rounds = json.loads((run_folder / "history.json").read_text())["rounds"]
     privacy = json.loads((run_folder / "privacy.json").read_text())
 
+    (gan_round,) = json.loads((run_folder / "gan" / "history.json").read_text())["rounds"]
+    gan_epsilon = gan_round["privacy"]["epsilon_max"]
+    assert 0 < gan_epsilon < budget and len(gan_round["privacy"]["sites"]) == 3
+    assert all(0 < site["epsilon"] <= gan_epsilon for site in gan_round["sites"].values())
+
     completed = [entry["round"] for entry in rounds]
     assert 1 <= len(completed) < 4 and completed == list(range(1, len(completed) + 1))
     epsilons = [entry["train"]["epsilon"] for entry in rounds]
-    assert all(0 < epsilon <= budget for epsilon in epsilons) and epsilons == sorted(epsilons)
+    assert all(gan_epsilon < epsilon <= budget for epsilon in epsilons) and epsilons == sorted(epsilons)
     for entry in rounds:
         assert entry["privacy"]["epsilon_max"] == pytest.approx(entry["train"]["epsilon"])
         assert len(entry["privacy"]["sites"]) == 3
@@ -53,7 +60,8 @@ def test_dp_simulation_reports_epsilon_every_round_and_stops_cleanly_at_the_budg
     ledgers = sorted((run_folder / "sites" / "privacy").glob("*/*.json"))
     assert len(ledgers) == 3
     for ledger in ledgers:
-        assert [entry["round"] for entry in json.loads(ledger.read_text())["rounds"]] == completed
+        assert [entry["round"] for entry in json.loads(ledger.read_text())["rounds"]] == ["gan-1", *completed]
+    assert [entry["round"] for entry in privacy["rounds"]] == ["gan-1", *completed]
     model, saved = load_classifier(run_folder / "final_model.pt")
     assert saved.metadata["stopped_by_privacy_budget"].startswith("privacy budget reached")
     assert saved.metadata["completed_rounds"] == len(completed)
@@ -87,6 +95,10 @@ class CapturingClientApp:
         def train(message: Message, context: Context) -> Message:
             return inner(message, context)
 
+        @outer.train("gan")
+        def train_gan(message: Message, context: Context) -> Message:
+            return inner(message, context)
+
         @outer.evaluate()
         def evaluate(message: Message, context: Context) -> Message:
             return inner(message, context)
@@ -109,6 +121,7 @@ def test_nothing_but_weights_and_aggregate_metrics_leaves_a_site(tmp_path):
     from shared.config import RunConfig
     from shared.data.demo import write_demo_dataset
     from shared.data.readers import read_dataset
+    from shared.gan.models import build_gan, gan_to_arrays
     from shared.models.classifier import build_classifier
     from shared.privacy.model_preparation import prepare_for_private_training
     from simulation.sites import partition_sites, prepare_simulated_sites
@@ -122,6 +135,7 @@ def test_nothing_but_weights_and_aggregate_metrics_leaves_a_site(tmp_path):
         train={"batch_size": 8, "balance": "none", "max_steps_per_epoch": 1, "progress": False},
         federation={"rounds": 1, "min_sites": 1},
         privacy={"mode": "local", "target_epsilon": 8.0, "noise_multiplier": 1.0, "target_delta": 1e-3, "max_grad_norm": 1.0},
+        gan={"rounds": 1, "image_size": 32, "channels": 8, "latent_dim": 16, "local_steps": 2, "batch_size": 8},
         report={"gallery_per_class": 0},
     )
     sites = partition_sites(table, partition="natural", num_sites=None, alpha=0.5, column="site", seed=0)
@@ -141,7 +155,8 @@ def test_nothing_but_weights_and_aggregate_metrics_leaves_a_site(tmp_path):
     replies = [pickle.loads(path.read_bytes()) for path in sorted(capture_folder.glob("*.pickle"))]
     wire = b"".join(path.read_bytes() for path in sorted(capture_folder.glob("*.pb")))
     kinds = [path.name.split("-")[1] for path in sorted(capture_folder.glob("*.pb"))]
-    assert kinds.count("train") == len(sites) and kinds.count("evaluate") >= len(sites), kinds
+    assert kinds.count("train") == len(sites) and kinds.count("train.gan") == len(sites), kinds
+    assert kinds.count("evaluate") >= len(sites), kinds
 
     frame = table.frame
     identifiers = set(frame["image_id"]) | set(frame["group"]) | {Path(path).name for path in frame["path"]}
@@ -160,12 +175,14 @@ def test_nothing_but_weights_and_aggregate_metrics_leaves_a_site(tmp_path):
             chunk = pixels[row].tobytes()[1024:1088]
             assert chunk not in wire, f"pixels of a {name} image left the site"
 
-    reference = prepare_for_private_training(build_classifier(run.model, num_classes=len(CLASSES))).state_dict()
+    classifier_reference = prepare_for_private_training(build_classifier(run.model, num_classes=len(CLASSES))).state_dict()
+    gan_reference = {name: torch.as_tensor(array) for name, array in gan_to_arrays(*build_gan(run.gan, len(CLASSES))).items()}
     num_classes = len(CLASSES)
     for content in replies:
         assert set(content.keys()) <= {"arrays", "metrics", "site"}
         for record in content.array_records.values():
-            assert set(record.keys()) == set(reference), "only the model's own tensors are sent"
+            reference = gan_reference if set(record.keys()) == set(gan_reference) else classifier_reference
+            assert set(record.keys()) == set(reference), "only the models' own tensors are sent"
             for key, array in record.items():
                 assert tuple(array.shape) == tuple(reference[key].shape)
         for record in content.config_records.values():
@@ -179,8 +196,9 @@ def test_nothing_but_weights_and_aggregate_metrics_leaves_a_site(tmp_path):
                     assert len(value) in (num_classes, num_classes * num_classes), key
                 else:
                     assert isinstance(value, (int, float)), key
-            if "train-loss" in record:
+            if "train-loss" in record or "discriminator-loss" in record:
                 assert record["epsilon"] > 0 and record["num-examples"] > 0
+            assert "frechet-distance" not in record, "a summary of the real images' features left a site"
     per_site_examples = {len(images.select("test")) for images in simulated.images.values()}
     evaluated = [record["num-examples"] for content in replies for record in content.metric_records.values() if "confusion-matrix" in record]
     assert set(evaluated) <= per_site_examples and sum(sum(r["confusion-matrix"]) for c in replies for r in c.metric_records.values() if "confusion-matrix" in r) == sum(evaluated)

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
 
 from shared.config import GanConfig
 from shared.errors import ModelError
 from shared.weights import load_arrays_into, model_to_arrays
 
 SAVED_FORMAT = "skin-fl-cgan"
-SAVED_VERSION = 1
+SAVED_VERSION = 2
+"""2: spectral normalisation by `SpectralNormalised` (version 1 used torch parametrizations; still read)."""
 CHECKPOINT_FOLDER = Path("gan") / "checkpoints"
 GENERATOR_PREFIX = "generator."
 DISCRIMINATOR_PREFIX = "discriminator."
@@ -89,6 +89,81 @@ class ConditionalGenerator(nn.Module):
         return torch.randn(count, self.latent_dim, generator=generator).to(device)
 
 
+class SpectralNormalised(nn.Module):
+    """A Linear, Conv2d or Embedding whose weight acts divided by its largest singular value (Miyato et al. 2018).
+
+    The same arithmetic as `torch.nn.utils.parametrizations.spectral_norm` (one power iteration
+    per training forward; sigma = u . W v, differentiable in W), but the division is applied to
+    the input (Linear, Conv2d: f(x / sigma) = f(x; W / sigma)) or the output (Embedding), and
+    the wrapped layer stays a plain torch layer. Opacus computes per-sample gradients of plain
+    layers only, so this is what makes the discriminator trainable under DP-SGD. With
+    `sigma_gradient` off (as DP-SGD sets it) sigma is a constant of each step: the per-sample
+    gradients Opacus computes are then the exact gradients of each image's loss.
+    """
+
+    def __init__(self, layer: nn.Module, power_iterations_at_start: int = 15, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.layer = layer
+        self.eps = eps
+        self.sigma_gradient = True
+        matrix = self._weight_matrix()
+        self.register_buffer("u", nn.functional.normalize(torch.randn(matrix.shape[0]), dim=0, eps=eps))
+        self.register_buffer("v", nn.functional.normalize(torch.randn(matrix.shape[1]), dim=0, eps=eps))
+        self._power_iteration(power_iterations_at_start)
+
+    def _weight_matrix(self) -> torch.Tensor:
+        return self.layer.weight.flatten(1)
+
+    @torch.no_grad()
+    def _power_iteration(self, iterations: int) -> None:
+        matrix = self._weight_matrix()
+        for _ in range(iterations):
+            self.u.copy_(nn.functional.normalize(torch.mv(matrix, self.v), dim=0, eps=self.eps))
+            self.v.copy_(nn.functional.normalize(torch.mv(matrix.t(), self.u), dim=0, eps=self.eps))
+
+    def sigma(self) -> torch.Tensor:
+        """The current estimate of the weight's largest singular value (one power step first when training)."""
+        if self.training:
+            self._power_iteration(1)
+        matrix = self._weight_matrix() if self.sigma_gradient else self._weight_matrix().detach()
+        return torch.dot(self.u.clone(), torch.mv(matrix, self.v.clone()))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The wrapped layer's output with its weight divided by sigma."""
+        sigma = self.sigma()
+        if isinstance(self.layer, nn.Embedding):
+            return self.layer(inputs) / sigma.to(self.layer.weight.dtype)
+        return self.layer(inputs / sigma.to(inputs.dtype))
+
+
+def spectral_norm(layer: nn.Module) -> SpectralNormalised:
+    """`layer` (Linear, Conv2d or Embedding) spectrally normalised."""
+    return SpectralNormalised(layer)
+
+
+def use_sigma_gradient(discriminator: nn.Module, enabled: bool) -> None:
+    """Let gradients flow through every spectral norm's sigma (plain training) or treat it as a constant (DP-SGD)."""
+    for module in discriminator.modules():
+        if isinstance(module, SpectralNormalised):
+            module.sigma_gradient = enabled
+
+
+def _migrate_version_1(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A version-1 discriminator state dict (torch spectral-norm parametrizations) under version-2 names."""
+    renames = ((".parametrizations.weight.original", ".layer.weight"), (".parametrizations.weight.0._u", ".u"), (".parametrizations.weight.0._v", ".v"))
+    migrated = {}
+    for name, tensor in state.items():
+        for old, new in renames:
+            if name.endswith(old):
+                name = name[: -len(old)] + new
+                break
+        else:
+            if name.endswith(".bias") and not name.endswith(".layer.bias"):
+                name = name[: -len(".bias")] + ".layer.bias"
+        migrated[name] = tensor
+    return migrated
+
+
 class _DownBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, first: bool) -> None:
         super().__init__()
@@ -106,8 +181,8 @@ class _DownBlock(nn.Module):
 class ProjectionDiscriminator(nn.Module):
     """Spectrally normalised residual discriminator with a class projection (Miyato & Koyama 2018).
 
-    Score = w . h(x) + embed(y) . h(x); without labels only the unconditional term. No BatchNorm,
-    so per-sample gradients (DP-SGD) are well defined.
+    Score = w . h(x) + embed(y) . h(x); without labels only the unconditional term. No BatchNorm
+    and only plain layers under the spectral norms, so per-sample gradients (DP-SGD) are exact.
     """
 
     def __init__(self, num_classes: int, image_size: int = 64, channels: int = 64) -> None:
@@ -181,7 +256,7 @@ def save_gan(path: Path, generator: ConditionalGenerator, discriminator: Project
         "classes": list(classes),
         "image_size": generator.image_size,
         "latent_dim": generator.latent_dim,
-        "channels": discriminator.blocks[0].conv1.out_channels,
+        "channels": discriminator.blocks[0].conv1.layer.out_channels,
         "generator": {k: v.detach().cpu() for k, v in generator.state_dict().items()},
         "discriminator": {k: v.detach().cpu() for k, v in discriminator.state_dict().items()},
         "metadata": dict(metadata),
@@ -212,7 +287,10 @@ def load_gan(path: Path, device: torch.device | str = "cpu") -> tuple[Conditiona
     )
     generator, discriminator = build_gan(saved.gan_config(), len(saved.classes))
     generator.load_state_dict(payload["generator"])
-    discriminator.load_state_dict(payload["discriminator"])
+    discriminator_state = payload["discriminator"]
+    if int(payload.get("version", 1)) == 1:
+        discriminator_state = _migrate_version_1(discriminator_state)
+    discriminator.load_state_dict(discriminator_state)
     return generator.to(device).eval(), discriminator.to(device).eval(), saved
 
 

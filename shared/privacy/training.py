@@ -23,18 +23,25 @@ from shared.models.classifier import model_normalisation
 from shared.precision import Precision
 from shared.privacy.accounting import PrivacyBudgetExceeded, PrivacyLedger, RoundSchedule
 from shared.privacy.model_preparation import grad_sample_mode_for, is_prepared_for_privacy
+from shared.privacy.per_sample_gradients import install_fast_per_sample_gradients
 from shared.training import TrainResult, inverse_frequency_weights, place_model, set_cosine_step_rate
 
 
-@dataclass
-class PrivateTrainResult(TrainResult):
-    """A DP-SGD round: the training figures plus its noise, sampling and the epsilon the site has spent."""
+@dataclass(kw_only=True)
+class PrivacyFigures:
+    """What a DP-SGD round adds to its training figures: noise, sampling and the epsilon the site has spent."""
 
     epsilon: float = 0.0
     epsilon_next_round: float = 0.0
     delta: float = 0.0
     noise_multiplier: float = 0.0
     sample_rate: float = 0.0
+
+
+@dataclass
+class PrivateTrainResult(TrainResult, PrivacyFigures):
+    """A classifier round under DP-SGD: the training figures, its privacy figures and the per-sample-gradient mode."""
+
     grad_sample_mode: str = ""
 
 
@@ -68,7 +75,7 @@ class PerSampleLoss(nn.Module):
 
 
 @contextmanager
-def _quiet_opacus() -> Iterator[None]:
+def quiet_opacus() -> Iterator[None]:
     """Silence Opacus's notices about choices made here on purpose (non-secure RNG: simulation-grade noise
     generator seeded per round; full backward hooks firing on the input layer)."""
     with warnings.catch_warnings():
@@ -87,6 +94,58 @@ def check_private_precision(precision: Precision) -> None:
         )
     if precision.autocast_dtype == torch.float16:
         raise ConfigError("fp16 autocast under DP-SGD produced NaN gradients; use bf16 or fp32 (amp off)")
+
+
+def refuse_past_budget(ledger: PrivacyLedger, schedule: RoundSchedule, run: RunConfig, what: str) -> None:
+    """Raise PrivacyBudgetExceeded, before any step, when `schedule` would take the site past the run's epsilon."""
+    budget = run.privacy.target_epsilon
+    epsilon_after = ledger.epsilon_after(schedule)
+    if budget is not None and epsilon_after > budget + 1e-9:
+        raise PrivacyBudgetExceeded(
+            f"{ledger.site}: {what} would raise the spent epsilon from {ledger.epsilon:.3f} to {epsilon_after:.3f}, "
+            f"past the budget {budget}; the run must stop here (raise privacy.target_epsilon or start a new run "
+            "to train further)"
+        )
+
+
+def record_steps_taken(ledger: PrivacyLedger, round_label: int | str, schedule: RoundSchedule, engine) -> None:
+    """Append the DP-SGD steps an Opacus engine took to the site's ledger (none taken: nothing recorded)."""
+    taken = sum(entry[2] for entry in engine.accountant.history)
+    if taken:
+        ledger.record(round_label, schedule.noise_multiplier, schedule.sample_rate, taken)
+
+
+def make_private(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    *,
+    schedule: RoundSchedule,
+    run: RunConfig,
+    mode: str,
+    device: torch.device,
+    seed: int,
+    criterion: nn.Module | None = None,
+) -> tuple:
+    """An RDP Opacus engine and its private (module, optimizer, [criterion,] loader) at the round's noise, clipping and sampling."""
+    from opacus import PrivacyEngine
+
+    install_fast_per_sample_gradients()
+    options = {"criterion": criterion} if criterion is not None else {}
+    with quiet_opacus():
+        engine = PrivacyEngine(accountant="rdp")
+        prepared = engine.make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=schedule.noise_multiplier,
+            max_grad_norm=run.privacy.max_grad_norm,
+            poisson_sampling=run.privacy.poisson_sampling,
+            grad_sample_mode=mode,
+            noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
+            **options,
+        )
+    return engine, prepared
 
 
 def train_privately(
@@ -109,8 +168,6 @@ def train_privately(
     step when it would take the site past the run's epsilon budget. Every step's noise and
     sampling are appended to the site's ledger, which survives restarts and resumed runs.
     """
-    from opacus import PrivacyEngine
-
     privacy, config = run.privacy, run.train
     if not privacy.local:
         raise ConfigError("train_privately needs privacy.mode 'local'")
@@ -120,14 +177,7 @@ def train_privately(
     if len(images) < 2:
         raise DataError(f"{images.source or 'this site'}: DP-SGD needs at least 2 training images; add images to this site")
     schedule = RoundSchedule.for_site(run, len(images))
-    spent_before = ledger.epsilon
-    epsilon_after = ledger.epsilon_after(schedule)
-    if privacy.target_epsilon is not None and epsilon_after > privacy.target_epsilon + 1e-9:
-        raise PrivacyBudgetExceeded(
-            f"{ledger.site}: round {server_round} would raise the spent epsilon from {spent_before:.3f} to "
-            f"{epsilon_after:.3f}, past the budget {privacy.target_epsilon}; the run must stop here (raise "
-            "privacy.target_epsilon or start a new run to train further)"
-        )
+    refuse_past_budget(ledger, schedule, run, f"round {server_round}")
     device = torch.device(device)
     place_model(model, device).train()
     mean, std = model_normalisation(model)
@@ -146,19 +196,7 @@ def train_privately(
     trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.Adam(trained, lr=learning_rate_start, weight_decay=config.weight_decay)
     mode = grad_sample_mode_for(run.model.name, privacy.grad_sample_mode)
-    with _quiet_opacus():
-        engine = PrivacyEngine(accountant="rdp")
-        prepared = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            criterion=criterion,
-            data_loader=loader,
-            noise_multiplier=schedule.noise_multiplier,
-            max_grad_norm=privacy.max_grad_norm,
-            poisson_sampling=privacy.poisson_sampling,
-            grad_sample_mode=mode,
-            noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
-        )
+    engine, prepared = make_private(model, optimizer, loader, schedule=schedule, run=run, mode=mode, device=device, seed=seed, criterion=criterion)
     if mode == "ghost":
         private_model, private_optimizer, private_criterion, private_loader = prepared
     else:
@@ -170,7 +208,7 @@ def train_privately(
     steps_per_epoch = total_steps // config.local_epochs
     started = time.perf_counter()
     try:
-        with _quiet_opacus():
+        with quiet_opacus():
             for epoch in range(config.local_epochs):
                 for batch_index, (batch_images, labels) in enumerate(private_loader):
                     if batch_index >= steps_per_epoch:
@@ -197,9 +235,7 @@ def train_privately(
                     step += 1
     finally:
         # Every step taken was released in the weights this site may send: record them even on failure.
-        taken = sum(entry[2] for entry in engine.accountant.history)
-        if taken:
-            ledger.record(server_round, schedule.noise_multiplier, schedule.sample_rate, taken)
+        record_steps_taken(ledger, server_round, schedule, engine)
         # Removes Opacus's hooks and per-sample gradients, so the plain model can be sent and reused.
         private_model._close()
     seconds = time.perf_counter() - started
@@ -224,9 +260,9 @@ def strip_privacy_wrappers(model: nn.Module) -> nn.Module:
     return getattr(model, "_module", model)
 
 
-def private_train_metrics(result: TrainResult) -> dict[str, float]:
-    """The privacy figures a site reports each round (all scalars; none for a round without DP)."""
-    if not isinstance(result, PrivateTrainResult):
+def private_train_metrics(result) -> dict[str, float]:
+    """The privacy figures a site reports each round, classifier or GAN (all scalars; none for a round without DP)."""
+    if not isinstance(result, PrivacyFigures):
         return {}
     return {
         "epsilon": float(result.epsilon),
