@@ -13,6 +13,7 @@ from flwr.serverapp.strategy import Result
 from server.history import MetricHistory, write_json_atomically
 from shared.config import RunConfig
 from shared.errors import SkinFLError
+from shared.privacy.accounting import gan_round_label
 
 LEDGER_KEY = "privacy-ledger"
 """Train-config key naming the run whose privacy ledger a site continues (the run folder's name)."""
@@ -156,12 +157,12 @@ class PrivacyBudget:
                 "epsilon_next_round": float(metrics["epsilon-next-classifier-round"]),
                 "epsilon_next_gan_round": float(metrics["epsilon-next-round"]),
                 "noise_multiplier": float(metrics["noise-multiplier"]),
-                "round": f"gan-{server_round}",
+                "round": gan_round_label(server_round),
             }
             for site, metrics in _site_privacy_metrics(replies, f"GAN round {server_round}").items()
         }
         self.sites.update(reported)
-        entry = {"round": f"gan-{server_round}", "epsilon_max": self.epsilon_spent, "sites": reported}
+        entry = {"round": gan_round_label(server_round), "epsilon_max": self.epsilon_spent, "sites": reported}
         self.rounds = [item for item in self.rounds if item["round"] != entry["round"]] + [entry]
         self.save()
         return {key: value for key, value in entry.items() if key != "round"}

@@ -23,6 +23,11 @@ class PrivacyBudgetExceeded(SkinFLError):
     """Training would spend more epsilon than the run's budget allows."""
 
 
+def gan_round_label(server_round: int) -> str:
+    """How a GAN round is named in a site's privacy ledger and privacy.json (classifier rounds are plain numbers)."""
+    return f"gan-{server_round}"
+
+
 def sample_rate_for(train_size: int, batch_size: int) -> float:
     """Poisson sampling rate of one step: one over the batches per epoch (as Opacus derives it)."""
     if train_size < 2:
@@ -120,17 +125,17 @@ class RoundSchedule:
     @classmethod
     def for_site(cls, run: RunConfig, train_size: int) -> RoundSchedule:
         """A classifier round of a site with `train_size` training images; the noise covers the whole run."""
-        phases = planned_phases(run, train_size)
-        sample_rate = sample_rate_for(train_size, run.train.batch_size)
-        steps = steps_per_round(train_size, run)
-        return cls(sample_rate, steps, noise_multiplier_for(run.privacy, phases), sum(count for _, count in phases))
+        return cls._in_run(run, train_size, sample_rate_for(train_size, run.train.batch_size), steps_per_round(train_size, run))
 
     @classmethod
     def for_gan(cls, run: RunConfig, train_size: int) -> RoundSchedule:
         """A GAN round (discriminator DP-SGD) of a site with `train_size` training images, same noise as its classifier."""
+        return cls._in_run(run, train_size, sample_rate_for(train_size, run.gan.batch_size), run.gan.local_steps)
+
+    @classmethod
+    def _in_run(cls, run: RunConfig, train_size: int, sample_rate: float, steps: int) -> RoundSchedule:
         phases = planned_phases(run, train_size)
-        sample_rate = sample_rate_for(train_size, run.gan.batch_size)
-        return cls(sample_rate, run.gan.local_steps, noise_multiplier_for(run.privacy, phases), sum(count for _, count in phases))
+        return cls(sample_rate, steps, noise_multiplier_for(run.privacy, phases), sum(count for _, count in phases))
 
     def entry(self) -> tuple[float, float, int]:
         """This round as an RDP accountant history entry."""
