@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import zlib
 
 import numpy as np
 import torch
@@ -14,11 +13,11 @@ from client.gan_handlers import register_gan_handlers, site_training_images
 from client.privacy_round import private_round_trainer
 from client.report import FINAL_REPORT_KEY, site_report_folder, write_end_of_run_report
 from client.site_source import NodeConfigSite, SimulationSites
-from shared.config import RoundInstructions
+from shared.config import VALIDATION_CONFUSION_KEY, RoundInstructions
 from shared.data.cache import concatenate
 from shared.data.feedback import feedback_summary
 from shared.device import resolve_device
-from shared.local_training import evaluate_on_images, precision_for, train_on_images
+from shared.local_training import evaluate_on_images, precision_for, site_round_seed, train_on_images
 from shared.models.classifier import build_classifier
 from shared.privacy.model_preparation import prepare_for_private_training
 from shared.privacy.training import private_train_metrics
@@ -41,10 +40,20 @@ def _global_model(message: Message, instructions: RoundInstructions, device: tor
     return model.to(device), arrays
 
 
-def evaluation_metric_record(metrics: dict) -> MetricRecord:
-    """The aggregate-only metrics a site reports: scalars, per-class AUCs and the confusion counts."""
+def evaluation_metric_record(metrics: dict, validation: dict | None = None) -> MetricRecord:
+    """The aggregate-only metrics a site reports: scalars, per-class AUCs and the confusion counts.
+
+    With `validation` (the same model on the site's validation split) the record also carries
+    that split's confusion counts, from which the server selects the run's best round.
+    """
+    validation_counts = (
+        {VALIDATION_CONFUSION_KEY: [int(count) for row in validation["confusion_matrix"] for count in row]}
+        if validation is not None
+        else {}
+    )
     return MetricRecord(
         {
+            **validation_counts,
             "num-examples": int(metrics["num_examples"]),
             "loss": float(metrics["loss"]),
             "accuracy": float(metrics["accuracy"]),
@@ -87,7 +96,7 @@ def create_client_app(site_source: SimulationSites | NodeConfigSite | None = Non
             precision=precision,
             learning_rate_start=instructions.learning_rate_start,
             learning_rate_end=instructions.learning_rate_end,
-            seed=run.seed * 100_003 + instructions.server_round * 1_009 + zlib.crc32(site.name.encode()) % 1_000,
+            seed=site_round_seed(run.seed, instructions.server_round, site.name),
             global_arrays={name: torch.from_numpy(np.asarray(value)).to(device) for name, value in arrays.items()}
             if proximal
             else None,
@@ -123,6 +132,12 @@ def create_client_app(site_source: SimulationSites | NodeConfigSite | None = Non
         test_images = site.images.select("test")
         precision = precision_for(model, run.train, device, run.preprocess.image_size)
         metrics = evaluate_on_images(model, test_images, batch_size=run.train.batch_size * 2, device=device, precision=precision)
+        val_images = site.images.select("val")
+        validation = (
+            evaluate_on_images(model, val_images, batch_size=run.train.batch_size * 2, device=device, precision=precision)
+            if len(val_images)
+            else None
+        )
         if message.content["config"].get(FINAL_REPORT_KEY, False):
             # The report stays on this machine; the reply carries the same aggregate metrics as every round.
             folder = site_report_folder(source, context, site.name)
@@ -130,7 +145,9 @@ def create_client_app(site_source: SimulationSites | NodeConfigSite | None = Non
                 folder, model, run, test_images, site=site.name, server_round=instructions.server_round,
                 extra=feedback_summary(site.feedback),
             )
-        reply = RecordDict({"metrics": evaluation_metric_record(metrics), "site": ConfigRecord({"name": site.name})})
+        reply = RecordDict(
+            {"metrics": evaluation_metric_record(metrics, validation), "site": ConfigRecord({"name": site.name})}
+        )
         return Message(reply, reply_to=message)
 
     register_gan_handlers(app, source)

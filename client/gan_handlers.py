@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from shared.gan.features import classifier_features
 from shared.gan.models import build_gan, gan_to_arrays, load_gan_arrays
 from shared.gan.quality import frechet_distance
 from shared.gan.training import at_gan_resolution, generate, to_uint8_hwc, train_gan_locally
+from shared.local_training import site_round_seed
 from shared.models.classifier import build_classifier
 from shared.privacy.accounting import PrivacyLedger, RoundSchedule
 from shared.privacy.gan_training import train_gan_privately
@@ -91,7 +91,7 @@ def site_training_images(source, context: Context, site, run: RunConfig) -> Cach
 
 
 def _site_seed(run: RunConfig, server_round: int, site_name: str) -> int:
-    return run.seed * 100_003 + server_round * 1_009 + zlib.crc32(site_name.encode()) % 1_000
+    return site_round_seed(run.seed, server_round, site_name)
 
 
 def _site_frechet_distance(generator, feature_model, train_images: CachedImages, run: RunConfig, seed: int) -> float:

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.checkpoint import CheckpointWriter
 from server.gan_phase import feature_classifier_for, run_gan_phase
 from server.history import MetricHistory, write_json_atomically
+from server.model_selection import best_validation_round
 from server.site_reports import request_site_reports
 from server.privacy_budget import budget_stop_metadata, start_within_budget
 from server.plots import plot_history
@@ -83,9 +84,23 @@ def run_federation(
     )
     # Flower's Result holds an empty ArrayRecord when no round produced new weights.
     final_arrays = result.arrays if result.arrays is not None and len(result.arrays) > 0 else initial
+    selection = {"selection": run.federation.select_model}
+    if run.federation.select_model == "best-validation":
+        selected = best_validation_round(history)
+        if selected is not None:
+            final_arrays = checkpoints.load_round(selected)
+            history.selected_round = selected
+            history.save()
+            selection["selected_round"] = selected
+            logger.info("skin-fl hands on round %d's model (best validation balanced accuracy over the sites)", selected)
     checkpoints.save_final(
         final_arrays,
-        {"rounds": run.federation.rounds, "wall_seconds": time.monotonic() - started, **budget_stop_metadata(strategy)},
+        {
+            "rounds": run.federation.rounds,
+            "wall_seconds": time.monotonic() - started,
+            **selection,
+            **budget_stop_metadata(strategy),
+        },
     )
     plot_history(history.as_list(), run_folder / "metrics.png")
     if run.report.site_reports:

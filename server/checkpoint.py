@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 from torch import nn
 
 from shared.config import RunConfig
-from shared.models.classifier import save_classifier
-from shared.weights import load_arrays_into
+from shared.models.classifier import load_classifier, save_classifier
+from shared.weights import load_arrays_into, model_to_arrays
 
 
 def array_record_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
@@ -39,9 +39,18 @@ class CheckpointWriter:
         )
         return path
 
+    def round_path(self, server_round: int) -> Path:
+        """Where the global model after `server_round` is kept."""
+        return self.folder / f"round_{server_round:03d}.pt"
+
     def save_round(self, server_round: int, arrays: ArrayRecord) -> Path:
         """Checkpoint the global model after `server_round`."""
-        return self._save(self.folder / f"round_{server_round:03d}.pt", arrays, {"round": server_round})
+        return self._save(self.round_path(server_round), arrays, {"round": server_round})
+
+    def load_round(self, server_round: int) -> ArrayRecord:
+        """The global model's arrays after `server_round`, as checkpointed."""
+        model, _ = load_classifier(self.round_path(server_round))
+        return ArrayRecord({name: Array(value) for name, value in model_to_arrays(model).items()})
 
     def save_final(self, arrays: ArrayRecord, metadata: dict) -> Path:
         """Write the final global model next to the run's history."""

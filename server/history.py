@@ -30,6 +30,19 @@ class MetricHistory:
     def __init__(self, run_folder: Path):
         self.run_folder = Path(run_folder)
         self.rounds: dict[int, dict] = {}
+        self.selected_round: int | None = None
+        """The round whose global model the run hands on (set at the end of the run)."""
+
+    @classmethod
+    def load(cls, run_folder: Path) -> MetricHistory:
+        """The history a run folder's history.json holds (empty when there is none yet)."""
+        history = cls(run_folder)
+        path = history.run_folder / "history.json"
+        if path.exists():
+            document = json.loads(path.read_text(encoding="utf-8"))
+            history.rounds = {entry["round"]: entry for entry in document["rounds"]}
+            history.selected_round = document.get("selected_round")
+        return history
 
     def _round(self, server_round: int) -> dict:
         return self.rounds.setdefault(server_round, {"round": server_round, "train": {}, "evaluate": {}, "sites": {}})
@@ -68,14 +81,28 @@ class MetricHistory:
         """Aggregate and per-site evaluation metrics of the last evaluated round."""
         for entry in reversed(self.as_list()):
             if entry["evaluate"]:
-                per_site = {site: data["evaluate"] for site, data in entry["sites"].items() if "evaluate" in data}
-                return entry["evaluate"], per_site
+                return self.evaluation_at(entry["round"])
         return {}, {}
+
+    def evaluation_at(self, server_round: int) -> tuple[dict, dict[str, dict]]:
+        """Aggregate and per-site evaluation metrics of one round."""
+        entry = self.rounds[server_round]
+        per_site = {site: data["evaluate"] for site, data in entry["sites"].items() if "evaluate" in data}
+        return entry["evaluate"], per_site
+
+    def handed_on_evaluation(self) -> tuple[dict, dict[str, dict]]:
+        """Evaluation metrics of the round the run hands on: the selected one, else the last evaluated one."""
+        if self.selected_round is not None and self.selected_round in self.rounds:
+            return self.evaluation_at(self.selected_round)
+        return self.last_evaluation()
 
     def save(self) -> None:
         """Write history.json, metrics_per_round.csv and metrics_per_site.csv."""
         self.run_folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(self.run_folder / "history.json", {"rounds": self.as_list()})
+        document = {"rounds": self.as_list()}
+        if self.selected_round is not None:
+            document["selected_round"] = self.selected_round
+        write_json_atomically(self.run_folder / "history.json", document)
         self._write_csv(
             self.run_folder / "metrics_per_round.csv",
             [

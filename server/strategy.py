@@ -5,21 +5,20 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.serverapp.strategy import FedAvg, FedProx
 
 from server.aggregation import aggregate_site_metrics
-from server.checkpoint import CheckpointWriter
+from server.checkpoint import CheckpointWriter, array_record_to_numpy
 from server.history import MetricHistory
 from server.central_privacy import with_central_privacy
 from server.privacy_budget import PrivacyBudget
+from shared.aggregation import ServerOptimiser
 from shared.config import RoundInstructions, RunConfig
 
 INSTRUCTIONS_KEY = "instructions"
 SITE_RECORD_KEY = "site"
-_BATCH_NORM_STATISTICS = ("running_mean", "running_var")
 
 
 def site_name_of(message: Message) -> str:
@@ -105,6 +104,8 @@ class RecordingMixin:
         server_round += self.round_offset
         replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            arrays = self.server_step(arrays)
         self.history.record_train(
             server_round,
             dict(metrics) if metrics is not None else {},
@@ -114,9 +115,14 @@ class RecordingMixin:
         )
         if self.privacy_budget is not None:
             self.privacy_budget.after_train(server_round, replies, self.history)
-        # A round no site finished keeps the global model, and is checkpointed too, so resume finds every round.
+        # The checkpoint holds exactly the arrays this round hands on. A round no site finished keeps the
+        # global model, and is checkpointed too, so resume finds every round.
         self.checkpoints.save_round(server_round, arrays if arrays is not None else self._round_start_arrays)
         return arrays, metrics
+
+    def server_step(self, averaged: ArrayRecord) -> ArrayRecord:
+        """The next global model from the sites' average: the average itself (FedAvg, FedProx)."""
+        return averaged
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Aggregate site evaluations and record them per site."""
@@ -141,25 +147,21 @@ class RecordingFedProx(RecordingMixin, FedProx):
     """FedProx (Li et al., 2020): sites add a proximal term; server averages like FedAvg."""
 
 
-class RecordingFedAdam(RecordingMixin, FedAdam):
-    """FedAdam (Reddi et al., 2021) for weights; BatchNorm statistics are averaged plainly.
+class RecordingServerOptimiser(RecordingMixin, FedAvg):
+    """FedAvgM (server momentum, Hsu et al. 2019) or FedAdam (Reddi et al. 2021) over the sites' average.
 
-    An adaptive server step on running means and variances has no meaning (and can push a
-    variance below zero), so those buffers take the example-weighted average instead.
+    The step is `shared.aggregation.ServerOptimiser`'s (BatchNorm statistics take the plain
+    average), the same arithmetic skin-fl-bench runs; the round checkpoint holds its result.
     """
 
-    def aggregate_train(self, server_round, replies):
-        """FedAdam step for weights, FedAvg for BatchNorm running statistics."""
-        replies = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        valid = [reply.content for reply in replies if not reply.has_error()]
-        if arrays is None or not valid:
-            return arrays, metrics
-        averaged = aggregate_arrayrecords(valid, self.weighted_by_key)
-        for name in averaged.keys():
-            if name.endswith(_BATCH_NORM_STATISTICS):
-                arrays[name] = averaged[name]
-        return arrays, metrics
+    def __init__(self, optimiser: ServerOptimiser, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.optimiser = optimiser
+
+    def server_step(self, averaged: ArrayRecord) -> ArrayRecord:
+        """One server-optimiser step from the round's starting global model towards the sites' average."""
+        stepped = self.optimiser.step(array_record_to_numpy(self._round_start_arrays), array_record_to_numpy(averaged))
+        return ArrayRecord({name: Array(value) for name, value in stepped.items()})
 
 
 def build_strategy(
@@ -181,8 +183,13 @@ def build_strategy(
     )
     if federation.strategy == "fedprox":
         strategy = RecordingFedProx(proximal_mu=federation.proximal_mu, **common)
-    elif federation.strategy == "fedadam":
-        strategy = RecordingFedAdam(eta=federation.server_learning_rate, eta_l=run.train.learning_rate, **common)
+    elif federation.strategy in ("fedadam", "fedavgm"):
+        optimiser = ServerOptimiser.for_strategy(
+            federation.strategy,
+            server_learning_rate=federation.server_learning_rate,
+            server_momentum=federation.server_momentum,
+        )
+        strategy = RecordingServerOptimiser(optimiser, **common)
     else:
         strategy = RecordingFedAvg(**common)
     strategy.setup_recording(run, history, checkpoints)

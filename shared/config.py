@@ -58,8 +58,20 @@ class TrainConfig(StrictModel):
     min_learning_rate_ratio: float = Field(0.05, ge=0, le=1, description="Cosine schedule floor as a fraction of the start rate.")
     weight_decay: float = Field(1e-5, ge=0, le=1.0, description="Adam weight decay.")
     local_epochs: int = Field(1, ge=1, le=100, description="Passes over the site's training split per round.")
+    local_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Optimiser steps per round, the same at every site (None: local_epochs passes over the site's "
+        "images). With epochs a large site counts twice, by its averaging weight and by its longer local "
+        "training; with equal steps each site counts by its number of images, as in pooled training.",
+    )
     balance: Literal["sampler", "none"] = Field("sampler", description="WeightedRandomSampler class balancing, or none.")
-    loss: Literal["ce", "weighted-ce", "focal"] = Field("ce", description="Cross-entropy, class-weighted cross-entropy, or focal loss.")
+    loss: Literal["ce", "weighted-ce", "focal", "balanced-softmax"] = Field(
+        "ce",
+        description="Cross-entropy, class-weighted cross-entropy, focal loss, or balanced softmax (cross-entropy of "
+        "the logits plus the log of the site's own training class frequencies: learns a class-balanced classifier "
+        "without resampling, and a site never pushes down a class it has no images of).",
+    )
     focal_gamma: float = Field(2.0, ge=0, le=10, description="Focusing parameter of the focal loss.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy losses.")
     grad_clip_norm: float | None = Field(2.0, gt=0, description="Clip the global gradient norm to this value; None turns it off.")
@@ -88,19 +100,45 @@ class TrainConfig(StrictModel):
             raise ValueError("focal_gamma is set but loss is not 'focal'; set loss='focal' or drop focal_gamma")
         return self
 
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainConfig:
+        if self.local_steps is not None and (self.local_epochs != 1 or self.max_steps_per_epoch is not None):
+            raise ValueError(
+                "local_steps fixes the steps of a round, so local_epochs and max_steps_per_epoch do not apply; "
+                "set local_steps alone, or drop it and use local_epochs"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_class_balancing(self) -> TrainConfig:
+        if self.loss == "balanced-softmax" and self.balance == "sampler":
+            raise ValueError(
+                "loss 'balanced-softmax' already balances the classes, and with balance 'sampler' they would be "
+                "balanced twice; set balance 'none' with it, or use loss 'ce' with the sampler"
+            )
+        return self
+
 
 class FederationConfig(StrictModel):
     """How the server runs the federation: rounds, strategy and site sampling."""
 
     rounds: int = Field(5, ge=1, le=10000, description="Federated rounds of classifier training.")
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = Field("fedavg", description="Aggregation strategy.")
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedavgm"] = Field(
+        "fedavg", description="Aggregation strategy: FedAvg, FedProx, FedAdam or FedAvgM (server momentum)."
+    )
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal weight (used only with strategy fedprox).")
     server_learning_rate: float = Field(
-        0.01, gt=0, le=10, description="FedAdam server step size (used only with strategy fedadam)."
+        0.01, gt=0, le=10, description="FedAdam server step size (used only with strategy fedadam; FedAvgM steps 1.0)."
     )
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM server momentum (used only with strategy fedavgm).")
     fraction_train: float = Field(1.0, gt=0, le=1, description="Fraction of connected sites asked to train each round.")
     min_sites: int = Field(2, ge=1, description="Minimum connected sites before a round starts.")
     round_timeout_s: float = Field(3600.0, gt=0, description="Seconds to wait for site replies in a round.")
+    select_model: Literal["best-validation", "last-round"] = Field(
+        "best-validation",
+        description="The model a run hands on (final_model.pt, site reports): the round with the best balanced "
+        "accuracy on the sites' pooled validation splits, or the last round's.",
+    )
 
 
 class GanConfig(StrictModel):
@@ -321,6 +359,11 @@ class RunConfig(StrictModel):
     def _privacy_fits_the_run(self) -> RunConfig:
         if not self.privacy.local:
             return self
+        if self.train.local_steps is not None:
+            raise ValueError(
+                "local DP-SGD plans its steps from Poisson-sampled epochs (the accounting depends on them), so "
+                "train.local_steps does not apply; drop it and use train.local_epochs"
+            )
         if self.train.balance == "sampler":
             raise ValueError(
                 "local DP-SGD samples every image with the same probability (the accounting assumes it) and the "
@@ -350,9 +393,11 @@ FLOWER_RUN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "strategy": ("federation", "strategy"),
     "proximal-mu": ("federation", "proximal_mu"),
     "server-learning-rate": ("federation", "server_learning_rate"),
+    "server-momentum": ("federation", "server_momentum"),
     "fraction-train": ("federation", "fraction_train"),
     "min-sites": ("federation", "min_sites"),
     "round-timeout": ("federation", "round_timeout_s"),
+    "select-model": ("federation", "select_model"),
     "model": ("model", "name"),
     "pretrained": ("model", "pretrained"),
     "image-size": ("preprocess", "image_size"),
@@ -431,6 +476,12 @@ def run_config_from_flower(flat: dict) -> RunConfig:
         return RunConfig.model_validate(nested)
     except ValueError as error:
         raise ConfigError(f"invalid run config: {error}") from error
+
+
+VALIDATION_CONFUSION_KEY = "val-confusion-matrix"
+"""Evaluation-reply key of a site's validation-split confusion counts (the server selects the best round by them)."""
+VALIDATION_BALANCED_ACCURACY_KEY = "val-balanced-accuracy"
+"""The balanced accuracy of the summed validation confusion counts, in the aggregated evaluation metrics."""
 
 
 class RoundInstructions(StrictModel):

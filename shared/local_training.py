@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -44,7 +45,7 @@ def train_on_images(
     global_arrays: Mapping[str, torch.Tensor] | None = None,
     description: str = "train",
 ) -> TrainResult:
-    """Fine-tune `model` in place on the given (training) images for `config.local_epochs`."""
+    """Fine-tune `model` in place on the given (training) images for `config.local_steps` steps or `config.local_epochs`."""
     mean, std = model_normalisation(model)
     loader = make_train_loader(
         images,
@@ -54,6 +55,7 @@ def train_on_images(
         seed=seed,
         num_workers=config.num_workers,
         max_steps=config.max_steps_per_epoch,
+        exact_steps=config.local_steps,
     )
     return train_epochs(
         model,
@@ -63,7 +65,7 @@ def train_on_images(
         precision=precision,
         learning_rate_start=learning_rate_start,
         learning_rate_end=learning_rate_end,
-        epochs=config.local_epochs,
+        epochs=config.local_epochs if config.local_steps is None else 1,
         class_counts=images.class_counts(),
         global_arrays=global_arrays,
         description=description,
@@ -85,6 +87,11 @@ def evaluate_on_images(
         images, batch_size=batch_size, transform=build_eval_transform(mean, std), num_workers=num_workers
     )
     return evaluate(model, loader, device=device, precision=precision, classes=images.classes)
+
+
+def site_round_seed(run_seed: int, server_round: int, site: str) -> int:
+    """The seed of one site's local training in one round: differs by run, round and site, same on every machine."""
+    return run_seed * 100_003 + server_round * 1_009 + zlib.crc32(site.encode()) % 1_000
 
 
 def seed_everything(seed: int) -> None:

@@ -79,15 +79,42 @@ def inverse_frequency_weights(class_counts: np.ndarray) -> torch.Tensor:
     return torch.tensor(inverse * len(counts) / inverse.sum(), dtype=torch.float32)
 
 
+def log_class_prior(class_counts: np.ndarray) -> torch.Tensor:
+    """Log of the training class frequencies, a class without images counted as one image."""
+    counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 1.0)
+    return torch.tensor(np.log(counts / counts.sum()), dtype=torch.float32)
+
+
+class BalancedSoftmaxLoss(nn.Module):
+    """Balanced softmax (Ren et al. 2020): cross-entropy of the logits shifted by the log training class prior.
+
+    Training sees logits + log p(class), so the model's own logits estimate a class-balanced
+    posterior. In a federation each site uses its own prior: a class a site has few or no images
+    of gets a large negative shift there, so that site barely pushes it down (Zhang et al. 2022,
+    FedLC). A class without images counts as one image, which keeps label smoothing finite.
+    """
+
+    def __init__(self, class_counts: np.ndarray, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("log_prior", log_class_prior(class_counts))
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean balanced-softmax cross-entropy of a batch."""
+        return F.cross_entropy(logits.float() + self.log_prior, targets, label_smoothing=self.label_smoothing)
+
+
 def make_loss(config: TrainConfig, class_counts: np.ndarray) -> nn.Module:
-    """The training loss `config.loss` names: ce, weighted-ce (inverse class frequency) or focal."""
+    """The training loss `config.loss` names: ce, weighted-ce (inverse class frequency), focal or balanced-softmax."""
     if config.loss == "ce":
         return nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     if config.loss == "weighted-ce":
         return nn.CrossEntropyLoss(weight=inverse_frequency_weights(class_counts), label_smoothing=config.label_smoothing)
     if config.loss == "focal":
         return FocalLoss(gamma=config.focal_gamma)
-    raise ConfigError(f"loss {config.loss!r} is not one of ce, weighted-ce, focal")
+    if config.loss == "balanced-softmax":
+        return BalancedSoftmaxLoss(class_counts, label_smoothing=config.label_smoothing)
+    raise ConfigError(f"loss {config.loss!r} is not one of ce, weighted-ce, focal, balanced-softmax")
 
 
 def _proximal_targets(model: nn.Module, global_arrays: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -46,12 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--local-epochs", type=int, default=train_defaults.local_epochs, help="local epochs per round")
     model.add_argument("--batch-size", type=int, default=train_defaults.batch_size)
     model.add_argument("--lr", type=float, default=train_defaults.learning_rate, help="Adam learning rate at the start of the cosine schedule")
-    model.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default="fedavg")
+    model.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam", "fedavgm"], default="fedavg")
     model.add_argument("--proximal-mu", type=float, default=federation_defaults.proximal_mu, help="FedProx proximal weight")
     model.add_argument("--server-lr", type=float, default=federation_defaults.server_learning_rate, help="FedAdam server step size")
+    model.add_argument("--server-momentum", type=float, default=federation_defaults.server_momentum, help="FedAvgM server momentum")
+    model.add_argument(
+        "--select-model",
+        choices=["best-validation", "last-round"],
+        default=federation_defaults.select_model,
+        help="model the run hands on: best round on the sites' validation splits (default) or the last round",
+    )
     model.add_argument("--fraction-train", type=float, default=1.0, help="fraction of sites that train each round")
     model.add_argument("--balance", choices=["sampler", "none"], default=train_defaults.balance, help="class balancing")
-    model.add_argument("--loss", choices=["ce", "weighted-ce", "focal"], default=train_defaults.loss)
+    model.add_argument("--loss", choices=["ce", "weighted-ce", "focal", "balanced-softmax"], default=train_defaults.loss)
     model.add_argument("--amp", choices=["auto", "on", "off"], default=train_defaults.amp, help="mixed precision (auto: fp16 on CUDA, bf16 on CPU only where faster)")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     model.add_argument("--max-steps-per-epoch", type=int, help="cap optimiser steps per epoch (quick runs)")
@@ -97,6 +104,8 @@ def run_config_from_args(args: argparse.Namespace, classes: list[str], device_im
                 strategy=args.strategy,
                 proximal_mu=args.proximal_mu,
                 server_learning_rate=args.server_lr,
+                server_momentum=args.server_momentum,
+                select_model=args.select_model,
                 fraction_train=args.fraction_train,
                 min_sites=1,
             ),
@@ -169,7 +178,7 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
     from server.history import MetricHistory, write_json_atomically
     from shared.device import default_image_size, resolve_device
     from simulation.centralised import train_centralised
-    from simulation.report import format_result_table, site_metrics_from_flower
+    from simulation.report import format_result_table, handed_on_model, site_metrics_from_flower
     from simulation.sites import partition_sites, prepare_simulated_sites
 
     device = resolve_device(args.device)
@@ -204,22 +213,18 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
         summary = {"gan_only": {"wall_seconds": federated_seconds, "rounds": run.gan.rounds}}
         write_json_atomically(run_folder / "summary.json", summary)
         return SimulationOutcome(run_folder, run, simulated, summary)
-    history = MetricHistory(run_folder)
-    history_path = run_folder / "history.json"
-    if not history_path.exists():
+    history = MetricHistory.load(run_folder)
+    if not history.rounds:
         raise SkinFLError(f"the federation finished no round; see the site errors in the log above ({run_folder})")
-    import json
-
-    history.rounds = {entry["round"]: entry for entry in json.loads(history_path.read_text())["rounds"]}
-    aggregate, per_site = history.last_evaluation()
+    aggregate, per_site = history.handed_on_evaluation()
     if not per_site:
         raise SkinFLError(f"no site evaluated the global model; see the site errors in the log above ({run_folder})")
-    summary = {"federated": {"wall_seconds": federated_seconds, "final": aggregate}}
+    summary = {"federated": {"wall_seconds": federated_seconds, "final": aggregate, "selected_round": history.selected_round}}
     print()
     print(
         format_result_table(
             f"Federated ({run.federation.strategy}, {run.federation.rounds} rounds x {run.train.local_epochs} local epochs) "
-            f"- global model on each site's test split",
+            f"- {handed_on_model(history)} on each site's test split",
             {site: site_metrics_from_flower(metrics) for site, metrics in per_site.items()},
             site_metrics_from_flower(aggregate),
         )

@@ -36,3 +36,10 @@ def site_metrics_from_flower(metrics: dict) -> dict:
         "macro_auc": metrics.get("macro-auc"),
         "mean_site_balanced_accuracy": metrics.get("mean-site-balanced-accuracy"),
     }
+
+
+def handed_on_model(history) -> str:
+    """Which global model a run's result table shows: the selected round's, or the last round's."""
+    if history.selected_round is not None:
+        return f"global model of round {history.selected_round} (best validation balanced accuracy)"
+    return "last round's global model"

@@ -33,7 +33,7 @@ def resume_simulation_command(args: argparse.Namespace):
     from server.history import MetricHistory
     from shared.device import resolve_device
     from simulation.cli import SimulationOutcome, simulation_resources
-    from simulation.report import format_result_table, site_metrics_from_flower
+    from simulation.report import format_result_table, handed_on_model, site_metrics_from_flower
 
     check_resume_arguments(args)
     point = find_resume_point(args.resume)
@@ -61,20 +61,18 @@ def resume_simulation_command(args: argparse.Namespace):
         backend_config=backend_config,
     )
     seconds = time.monotonic() - started
-    history = MetricHistory(point.run_folder)
-    rounds = json.loads((point.run_folder / "history.json").read_text(encoding="utf-8"))["rounds"]
-    history.rounds = {entry["round"]: entry for entry in rounds}
+    history = MetricHistory.load(point.run_folder)
     if max(history.rounds, default=0) < run.federation.rounds:
         raise SkinFLError(
             f"the resumed run stopped after round {max(history.rounds, default=0)} of {run.federation.rounds}; "
             f"see the site errors in the log above, then resume again with --resume {point.run_folder}"
         )
-    aggregate, per_site = history.last_evaluation()
+    aggregate, per_site = history.handed_on_evaluation()
     print()
     print(
         format_result_table(
             f"Federated ({run.federation.strategy}, resumed after round {point.completed_rounds}, "
-            f"{run.federation.rounds} rounds in all) - global model on each site's test split",
+            f"{run.federation.rounds} rounds in all) - {handed_on_model(history)} on each site's test split",
             {site: site_metrics_from_flower(metrics) for site, metrics in per_site.items()},
             site_metrics_from_flower(aggregate),
         )

@@ -51,8 +51,13 @@ def make_train_loader(
     seed: int,
     num_workers: int = 0,
     max_steps: int | None = None,
+    exact_steps: int | None = None,
 ) -> DataLoader:
-    """Shuffled (or class-balanced, with replacement) training batches, seeded, optionally capped in steps."""
+    """Shuffled (or class-balanced, with replacement) training batches, seeded.
+
+    `max_steps` caps the batches of one pass; `exact_steps` gives exactly that many batches,
+    reshuffling for further passes when the images run out (a fixed number of local steps).
+    """
     if balance not in BALANCE_MODES:
         raise ConfigError(f"balance {balance!r} is not one of {list(BALANCE_MODES)}")
     where = images.source or "these training images"
@@ -67,6 +72,8 @@ def make_train_loader(
             "add images to this site or change the split fractions"
         )
     num_samples = len(images) if max_steps is None else min(len(images), max_steps * batch_size)
+    if exact_steps is not None:
+        num_samples = exact_steps * batch_size
     generator = torch.Generator().manual_seed(seed)
     if balance == "sampler":
         weights = balanced_sample_weights(images.labels, len(images.classes))

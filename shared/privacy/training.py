@@ -24,7 +24,7 @@ from shared.precision import Precision
 from shared.privacy.accounting import PrivacyBudgetExceeded, PrivacyLedger, RoundSchedule
 from shared.privacy.model_preparation import grad_sample_mode_for, is_prepared_for_privacy
 from shared.privacy.per_sample_gradients import install_fast_per_sample_gradients
-from shared.training import TrainResult, inverse_frequency_weights, place_model, set_cosine_step_rate
+from shared.training import TrainResult, inverse_frequency_weights, log_class_prior, place_model, set_cosine_step_rate
 
 
 @dataclass(kw_only=True)
@@ -46,24 +46,35 @@ class PrivateTrainResult(TrainResult, PrivacyFigures):
 
 
 class PerSampleLoss(nn.Module):
-    """Cross-entropy (optionally class-weighted) or focal loss of each image, then reduced.
+    """Cross-entropy (optionally class-weighted or of prior-shifted logits) or focal loss of each image, then reduced.
 
     The weighted mean over the batch is not used under DP: it divides by the batch's summed
     weights, which would make one image's gradient depend on the other images in the batch.
     `reduction` is 'mean' (plain mean over images) or 'none', as Opacus's ghost clipping sets it.
     """
 
-    def __init__(self, kind: str, *, label_smoothing: float, focal_gamma: float, weight: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        *,
+        label_smoothing: float,
+        focal_gamma: float,
+        weight: torch.Tensor | None,
+        logit_shift: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.kind = kind
         self.label_smoothing = label_smoothing
         self.focal_gamma = focal_gamma
         self.reduction = "mean"
         self.register_buffer("weight", weight)
+        self.register_buffer("logit_shift", logit_shift)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-image losses (reduction 'none') or their mean."""
         logits = logits.float()
+        if self.logit_shift is not None:
+            logits = logits + self.logit_shift
         if self.kind == "focal":
             log_probabilities = F.log_softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)
             losses = -((1 - log_probabilities.exp()) ** self.focal_gamma) * log_probabilities
@@ -190,8 +201,13 @@ def train_privately(
         generator=generator,
     )
     weight = inverse_frequency_weights(images.class_counts()) if config.loss == "weighted-ce" else None
+    logit_shift = log_class_prior(images.class_counts()) if config.loss == "balanced-softmax" else None
     criterion = PerSampleLoss(
-        config.loss, label_smoothing=config.label_smoothing, focal_gamma=config.focal_gamma, weight=weight
+        config.loss,
+        label_smoothing=config.label_smoothing,
+        focal_gamma=config.focal_gamma,
+        weight=weight,
+        logit_shift=logit_shift,
     ).to(device)
     trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.Adam(trained, lr=learning_rate_start, weight_decay=config.weight_decay)

@@ -1,0 +1,243 @@
+"""Training arms of skin-fl-bench, run in one process over prepared sites: pooled, local-only and federated.
+
+A federated arm runs the same site training (`train_on_images`, the ClientApp's own call) and the
+same server aggregation (`shared.aggregation`, the strategies' own arithmetic) as a Flower run,
+sites one after another on one device, so a table of arms x seeds fits one machine, GPU or CPU.
+Every arm is scored after every round on the pooled validation split (model selection) and on
+the pooled, lesion-disjoint test split.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from shared.aggregation import ServerOptimiser, weighted_average
+from shared.config import RoundInstructions, RunConfig
+from shared.data.cache import CachedImages, concatenate
+from shared.local_training import evaluate_on_images, precision_for, seed_everything, site_round_seed, train_on_images
+from shared.models.classifier import build_classifier
+from shared.weights import load_arrays_into, model_to_arrays
+
+FEDERATED_ARMS = ("fedavg", "fedprox", "fedavgm", "fedadam")
+ARMS = ("local", "pooled", *FEDERATED_ARMS)
+REPORTED_METRICS = ("balanced_accuracy", "accuracy", "macro_auc", "melanoma_sensitivity")
+
+
+@dataclass
+class ArmResult:
+    """One arm x seed: per-round validation and test figures, the final and the validation-selected round."""
+
+    arm: str
+    seed: int
+    wall_seconds: float
+    rounds: list[dict] = field(default_factory=list)
+    per_site: dict[str, dict] = field(default_factory=dict)
+
+    def final(self) -> dict:
+        """Test figures of the last round's model."""
+        return self.rounds[-1]["test"]
+
+    def selected_round(self) -> int:
+        """The round whose model has the best pooled validation balanced accuracy (the latest on ties), as a run selects it."""
+        best = max(self.rounds, key=lambda entry: (entry["val_balanced_accuracy"], entry["round"]))
+        return best["round"]
+
+    def as_dict(self) -> dict:
+        """JSON-ready form."""
+        return {
+            "arm": self.arm,
+            "seed": self.seed,
+            "wall_seconds": self.wall_seconds,
+            "rounds": self.rounds,
+            "per_site": self.per_site,
+            "final": self.final(),
+            "selected_round": self.selected_round(),
+            "selected": self.rounds[self.selected_round() - 1]["test"],
+        }
+
+
+@dataclass
+class ArmContext:
+    """What every arm shares: settings, the sites' images, the device and a progress callback."""
+
+    run: RunConfig
+    sites: dict[str, CachedImages]
+    device: torch.device
+    log: Callable[[str], None] = print
+
+    def __post_init__(self) -> None:
+        self.pooled_val = concatenate([images.select("val") for images in self.sites.values()])
+        self.pooled_test = concatenate([images.select("test") for images in self.sites.values()])
+
+    def new_model(self) -> nn.Module:
+        """The run's classifier at its initial (pretrained) weights, on the device."""
+        return build_classifier(self.run.model, num_classes=len(self.run.classes)).to(self.device)
+
+    def score(self, model: nn.Module, server_round: int) -> dict:
+        """Pooled validation balanced accuracy and pooled test figures of `model` after `server_round`."""
+        precision = precision_for(model, self.run.train, self.device, self.run.preprocess.image_size)
+        batch = self.run.train.batch_size * 2
+        val = evaluate_on_images(model, self.pooled_val, batch_size=batch, device=self.device, precision=precision)
+        test = evaluate_on_images(model, self.pooled_test, batch_size=batch, device=self.device, precision=precision)
+        return {
+            "round": server_round,
+            "val_balanced_accuracy": val["balanced_accuracy"],
+            "test": {name: test[name] for name in REPORTED_METRICS},
+            "test_recall": {name: item["recall"] for name, item in test["per_class"].items()},
+        }
+
+    def per_site_test(self, model: nn.Module) -> dict[str, dict]:
+        """Test figures of `model` on every site's own test split."""
+        precision = precision_for(model, self.run.train, self.device, self.run.preprocess.image_size)
+        figures = {}
+        for site, images in self.sites.items():
+            test = evaluate_on_images(
+                model, images.select("test"), batch_size=self.run.train.batch_size * 2, device=self.device, precision=precision
+            )
+            figures[site] = {name: test[name] for name in REPORTED_METRICS}
+        return figures
+
+    def train_site(self, model: nn.Module, images: CachedImages, server_round: int, site: str, global_arrays=None):
+        """One site's local training of one round, exactly as the ClientApp runs it."""
+        instructions = RoundInstructions.for_round(self.run, server_round)
+        precision = precision_for(model, self.run.train, self.device, self.run.preprocess.image_size)
+        return train_on_images(
+            model,
+            images,
+            config=self.run.train,
+            device=self.device,
+            precision=precision,
+            learning_rate_start=instructions.learning_rate_start,
+            learning_rate_end=instructions.learning_rate_end,
+            seed=site_round_seed(self.run.seed, server_round, site),
+            global_arrays=global_arrays,
+            description=f"{site} round {server_round}",
+        )
+
+
+def run_federated(context: ArmContext, arm: str) -> ArmResult:
+    """FedAvg, FedProx, FedAvgM or FedAdam over every site, every round."""
+    run = context.run
+    federation = run.federation
+    if arm == "fedprox":
+        run = run.model_copy(
+            update={
+                "train": run.train.model_copy(update={"proximal_mu": federation.proximal_mu}),
+                "federation": federation.model_copy(update={"strategy": "fedprox"}),
+            }
+        )
+        context = ArmContext(run, context.sites, context.device, context.log)
+    server = ServerOptimiser.for_strategy(
+        arm, server_learning_rate=federation.server_learning_rate, server_momentum=federation.server_momentum
+    )
+    seed_everything(run.seed)
+    model = context.new_model()
+    global_arrays = model_to_arrays(model)
+    result = ArmResult(arm, run.seed, 0.0)
+    started = time.monotonic()
+    for server_round in range(1, federation.rounds + 1):
+        updates, weights = [], []
+        for site, images in context.sites.items():
+            load_arrays_into(model, global_arrays)
+            train = images.select("train")
+            proximal = (
+                {name: torch.as_tensor(value).to(context.device) for name, value in global_arrays.items()}
+                if run.train.proximal_mu > 0
+                else None
+            )
+            context.train_site(model, train, server_round, site, global_arrays=proximal)
+            updates.append(model_to_arrays(model))
+            weights.append(len(train))
+        global_arrays = server.step(global_arrays, weighted_average(updates, weights))
+        load_arrays_into(model, global_arrays)
+        result.rounds.append(context.score(model, server_round))
+        context.log(_progress_line(arm, run.seed, result.rounds[-1], federation.rounds, time.monotonic() - started))
+    result.wall_seconds = time.monotonic() - started
+    result.per_site = context.per_site_test(model)
+    return result
+
+
+def run_pooled(context: ArmContext) -> ArmResult:
+    """One model on the union of the sites' training splits, the same epochs and schedule as the federation."""
+    run = context.run
+    if run.train.local_steps is not None:
+        # The federation's steps of one round, summed over its sites.
+        pooled_steps = run.train.local_steps * len(context.sites)
+        run = run.model_copy(update={"train": run.train.model_copy(update={"local_steps": pooled_steps})})
+        context = ArmContext(run, context.sites, context.device, context.log)
+    seed_everything(run.seed)
+    model = context.new_model()
+    pooled_train = concatenate([images.select("train") for images in context.sites.values()])
+    result = ArmResult("pooled", run.seed, 0.0)
+    started = time.monotonic()
+    for server_round in range(1, run.federation.rounds + 1):
+        context.train_site(model, pooled_train, server_round, "pooled")
+        result.rounds.append(context.score(model, server_round))
+        context.log(_progress_line("pooled", run.seed, result.rounds[-1], run.federation.rounds, time.monotonic() - started))
+    result.wall_seconds = time.monotonic() - started
+    result.per_site = context.per_site_test(model)
+    return result
+
+
+def run_local(context: ArmContext) -> ArmResult:
+    """Every site trains alone for the whole budget.
+
+    Rounds hold the mean over the sites' models on the pooled splits; `per_site` holds each site's
+    model on its own test split (what a hospital training alone would see).
+    """
+    run = context.run
+    per_site_rounds: dict[str, list[dict]] = {}
+    own_test: dict[str, dict] = {}
+    started = time.monotonic()
+    for site, images in context.sites.items():
+        seed_everything(run.seed)
+        model = context.new_model()
+        train = images.select("train")
+        per_site_rounds[site] = []
+        for server_round in range(1, run.federation.rounds + 1):
+            context.train_site(model, train, server_round, site)
+            per_site_rounds[site].append(context.score(model, server_round))
+        own_test[site] = context.per_site_test(model)[site]
+        context.log(_progress_line(f"local {site}", run.seed, per_site_rounds[site][-1], run.federation.rounds, time.monotonic() - started))
+    result = ArmResult("local", run.seed, time.monotonic() - started)
+    for index in range(run.federation.rounds):
+        entries = [rounds[index] for rounds in per_site_rounds.values()]
+        result.rounds.append(
+            {
+                "round": index + 1,
+                "val_balanced_accuracy": _mean([entry["val_balanced_accuracy"] for entry in entries]),
+                "test": {name: _mean([entry["test"][name] for entry in entries]) for name in REPORTED_METRICS},
+            }
+        )
+    result.per_site = own_test
+    return result
+
+
+def run_arm(context: ArmContext, arm: str) -> ArmResult:
+    """Run one named arm (see ARMS)."""
+    if arm == "pooled":
+        return run_pooled(context)
+    if arm == "local":
+        return run_local(context)
+    if arm in FEDERATED_ARMS:
+        return run_federated(context, arm)
+    raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+
+
+def _mean(values: list) -> float | None:
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _progress_line(arm: str, seed: int, entry: dict, rounds: int, seconds: float) -> str:
+    test = entry["test"]
+    return (
+        f"[{arm} seed {seed}] round {entry['round']}/{rounds}: val bal. acc {entry['val_balanced_accuracy']:.3f}, "
+        f"test bal. acc {test['balanced_accuracy']:.3f}, AUC {test['macro_auc'] or float('nan'):.3f}, "
+        f"mel sens {test['melanoma_sensitivity'] or float('nan'):.3f} ({seconds:.0f} s)"
+    )
