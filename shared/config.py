@@ -134,6 +134,12 @@ class FederationConfig(StrictModel):
     fraction_train: float = Field(1.0, gt=0, le=1, description="Fraction of connected sites asked to train each round.")
     min_sites: int = Field(2, ge=1, description="Minimum connected sites before a round starts.")
     round_timeout_s: float = Field(3600.0, gt=0, description="Seconds to wait for site replies in a round.")
+    batch_norm: Literal["average", "recalibrate"] = Field(
+        "average",
+        description="BatchNorm statistics of the global model: the average of the sites' statistics after local "
+        "training, or recalibrate (every site measures the aggregated model's statistics on its training images, "
+        "merged exactly into pooled statistics; one extra forward pass per site and round).",
+    )
     select_model: Literal["best-validation", "last-round"] = Field(
         "best-validation",
         description="The model a run hands on (final_model.pt, site reports): the round with the best balanced "
@@ -398,6 +404,7 @@ FLOWER_RUN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "min-sites": ("federation", "min_sites"),
     "round-timeout": ("federation", "round_timeout_s"),
     "select-model": ("federation", "select_model"),
+    "batch-norm": ("federation", "batch_norm"),
     "model": ("model", "name"),
     "pretrained": ("model", "pretrained"),
     "image-size": ("preprocess", "image_size"),

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from shared.aggregation import ServerOptimiser, weighted_average
+from shared.batch_norm import measure_batch_norm_statistics, merge_batch_norm_statistics
 from shared.config import RoundInstructions, RunConfig
 from shared.data.cache import CachedImages, concatenate
 from shared.local_training import evaluate_on_images, precision_for, seed_everything, site_round_seed, train_on_images
@@ -102,6 +103,21 @@ class ArmContext:
             figures[site] = {name: test[name] for name in REPORTED_METRICS}
         return figures
 
+    def recalibrated(self, model: nn.Module, global_arrays: dict) -> dict:
+        """The global arrays with BatchNorm statistics measured at every site and merged (see shared.batch_norm)."""
+        load_arrays_into(model, global_arrays)
+        precision = precision_for(model, self.run.train, self.device, self.run.preprocess.image_size)
+        measured, counts = [], []
+        for images in self.sites.values():
+            train = images.select("train")
+            measured.append(
+                measure_batch_norm_statistics(
+                    model, train, batch_size=self.run.train.batch_size * 2, device=self.device, precision=precision
+                )
+            )
+            counts.append(len(train))
+        return {**global_arrays, **merge_batch_norm_statistics(measured, counts)}
+
     def train_site(self, model: nn.Module, images: CachedImages, server_round: int, site: str, global_arrays=None):
         """One site's local training of one round, exactly as the ClientApp runs it."""
         instructions = RoundInstructions.for_round(self.run, server_round)
@@ -154,6 +170,8 @@ def run_federated(context: ArmContext, arm: str) -> ArmResult:
             updates.append(model_to_arrays(model))
             weights.append(len(train))
         global_arrays = server.step(global_arrays, weighted_average(updates, weights))
+        if federation.batch_norm == "recalibrate":
+            global_arrays = context.recalibrated(model, global_arrays)
         load_arrays_into(model, global_arrays)
         result.rounds.append(context.score(model, server_round))
         context.log(_progress_line(arm, run.seed, result.rounds[-1], federation.rounds, time.monotonic() - started))

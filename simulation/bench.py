@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--proximal-mu", type=float, default=federation.proximal_mu)
     parser.add_argument("--server-lr", type=float, default=federation.server_learning_rate, help="FedAdam server step size")
     parser.add_argument("--server-momentum", type=float, default=federation.server_momentum)
+    parser.add_argument("--batch-norm", choices=["average", "recalibrate"], default=federation.batch_norm, help="BatchNorm statistics of the global model")
     parser.add_argument("--amp", choices=["auto", "on", "off"], default=train.amp)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -90,6 +91,7 @@ def bench_run_config(args: argparse.Namespace, classes: list[str], seed: int) ->
                 proximal_mu=args.proximal_mu,
                 server_learning_rate=args.server_lr,
                 server_momentum=args.server_momentum,
+                batch_norm=args.batch_norm,
                 min_sites=1,
             ),
             seed=seed,
