@@ -13,14 +13,16 @@ from client.gan_handlers import register_gan_handlers, site_training_images
 from client.privacy_round import private_round_trainer
 from client.report import FINAL_REPORT_KEY, site_report_folder, write_end_of_run_report
 from client.site_source import NodeConfigSite, SimulationSites
-from shared.config import VALIDATION_CONFUSION_KEY, RoundInstructions
+from shared.calibration import TEMPERATURES, summed_negative_log_likelihoods
+from shared.config import RoundInstructions
 from shared.data.cache import concatenate
 from shared.data.feedback import feedback_summary
 from shared.device import resolve_device
-from shared.local_training import evaluate_on_images, precision_for, site_round_seed, train_on_images
+from shared.local_training import evaluate_on_images, logits_on_images, precision_for, site_round_seed, train_on_images
 from shared.models.classifier import build_classifier
 from shared.privacy.model_preparation import prepare_for_private_training
 from shared.privacy.training import private_train_metrics
+from shared.protocol import CALIBRATE_ACTION, NEGATIVE_LOG_LIKELIHOODS_KEY, VALIDATION_CONFUSION_KEY
 from shared.weights import load_arrays_into, model_to_arrays
 
 INSTRUCTIONS_KEY = "instructions"
@@ -147,6 +149,27 @@ def create_client_app(site_source: SimulationSites | NodeConfigSite | None = Non
             )
         reply = RecordDict(
             {"metrics": evaluation_metric_record(metrics, validation), "site": ConfigRecord({"name": site.name})}
+        )
+        return Message(reply, reply_to=message)
+
+    @app.query(CALIBRATE_ACTION)
+    def calibrate(message: Message, context: Context) -> Message:
+        instructions = RoundInstructions.model_validate_json(message.content["config"][INSTRUCTIONS_KEY])
+        run = instructions.run
+        site = source.load(context, run)
+        device = resolve_device(run.train.device)
+        model, _ = _global_model(message, instructions, device)
+        val_images = site.images.select("val")
+        sums = [0.0] * len(TEMPERATURES)
+        if len(val_images):
+            precision = precision_for(model, run.train, device, run.preprocess.image_size)
+            logits, labels = logits_on_images(model, val_images, batch_size=run.train.batch_size * 2, device=device, precision=precision)
+            sums = summed_negative_log_likelihoods(logits, labels).tolist()
+        reply = RecordDict(
+            {
+                "metrics": MetricRecord({"num-examples": len(val_images), NEGATIVE_LOG_LIKELIHOODS_KEY: sums}),
+                "site": ConfigRecord({"name": site.name}),
+            }
         )
         return Message(reply, reply_to=message)
 

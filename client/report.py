@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 from sklearn.metrics import auc as trapezoid_area  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from shared.calibration import calibration_bins  # noqa: E402
 from shared.data.cache import CachedImages  # noqa: E402
 from shared.ensemble import Ensemble, normalise_pixels  # noqa: E402
 from shared.errors import DataError  # noqa: E402
@@ -129,6 +130,26 @@ def plot_roc_curves(labels: np.ndarray, probabilities: np.ndarray, classes: list
              xlim=(0, 1), ylim=(0, 1.01))
     axis.legend(loc="lower right", fontsize=7)
     axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_reliability_diagram(bins: dict, path: Path, title: str) -> Path:
+    """Accuracy against top-class confidence per bin, with the diagonal of perfect calibration."""
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    edges = np.asarray(bins["bin_edges"])
+    centres = (edges[:-1] + edges[1:]) / 2
+    accuracy = np.asarray([np.nan if value is None else value for value in bins["accuracy"]], dtype=float)
+    axis.bar(centres, np.nan_to_num(accuracy), width=edges[1] - edges[0], edgecolor="black", alpha=0.7, label="accuracy")
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    axis.set_xlabel("top-class probability")
+    axis.set_ylabel("share correct")
+    axis.set_title(f"{title}\nECE {bins['expected_calibration_error']:.3f}")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.legend(loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -241,6 +262,8 @@ def write_site_report(
     write_table(folder, per_class_rows(metrics, isic), TABLE_COLUMNS)
     plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), classes, folder / "confusion_matrix.png", f"Site {site}: confusion matrix")
     plot_roc_curves(labels, probabilities, classes, folder / "roc_curves.png", f"Site {site}: ROC curves (one vs rest)")
+    calibration = calibration_bins(probabilities, labels)
+    plot_reliability_diagram(calibration, folder / "reliability.png", f"Site {site}: reliability")
     gallery_images = write_gallery(
         folder / "gallery.html", ensemble, images, probabilities, site=site, per_class=gallery_per_class, method=method
     )
@@ -252,6 +275,7 @@ def write_site_report(
         "num_examples": int(labels.size),
         "metrics": metrics,
         "isic": isic,
+        "calibration": calibration,
         "gallery": {"method": method, "images": gallery_images, "per_class": gallery_per_class},
         **(extra or {}),
     }

@@ -7,8 +7,8 @@ import math
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
-from shared.config import VALIDATION_BALANCED_ACCURACY_KEY, VALIDATION_CONFUSION_KEY
 from shared.metrics import metrics_from_confusion
+from shared.protocol import VALIDATION_BALANCED_ACCURACY_KEY, VALIDATION_CONFUSION_KEY
 
 CONFUSION_KEY = "confusion-matrix"
 WEIGHT_KEY = "num-examples"

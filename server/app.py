@@ -11,6 +11,7 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from server.calibration import calibrate_handed_on_model
 from server.checkpoint import CheckpointWriter
 from server.gan_phase import feature_classifier_for, run_gan_phase
 from server.history import MetricHistory, write_json_atomically
@@ -93,6 +94,9 @@ def run_federation(
             history.save()
             selection["selected_round"] = selected
             logger.info("skin-fl hands on round %d's model (best validation balanced accuracy over the sites)", selected)
+    if run.federation.calibrate:
+        final_arrays, temperature = calibrate_handed_on_model(grid, run, final_arrays, model)
+        selection["temperature"] = temperature
     checkpoints.save_final(
         final_arrays,
         {

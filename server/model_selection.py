@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from server.history import MetricHistory
-from shared.config import VALIDATION_BALANCED_ACCURACY_KEY
+from shared.protocol import VALIDATION_BALANCED_ACCURACY_KEY
 
 
 def best_validation_round(history: MetricHistory) -> int | None:

@@ -134,6 +134,11 @@ class FederationConfig(StrictModel):
     fraction_train: float = Field(1.0, gt=0, le=1, description="Fraction of connected sites asked to train each round.")
     min_sites: int = Field(2, ge=1, description="Minimum connected sites before a round starts.")
     round_timeout_s: float = Field(3600.0, gt=0, description="Seconds to wait for site replies in a round.")
+    calibrate: bool = Field(
+        True,
+        description="Temperature-scale the handed-on model on the sites' validation splits (the sites send summed "
+        "likelihoods only), so that its probabilities mean what they say; the top class does not change.",
+    )
     batch_norm: Literal["average", "recalibrate"] = Field(
         "average",
         description="BatchNorm statistics of the global model: the average of the sites' statistics after local "
@@ -405,6 +410,7 @@ FLOWER_RUN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "round-timeout": ("federation", "round_timeout_s"),
     "select-model": ("federation", "select_model"),
     "batch-norm": ("federation", "batch_norm"),
+    "calibrate": ("federation", "calibrate"),
     "model": ("model", "name"),
     "pretrained": ("model", "pretrained"),
     "image-size": ("preprocess", "image_size"),
@@ -483,12 +489,6 @@ def run_config_from_flower(flat: dict) -> RunConfig:
         return RunConfig.model_validate(nested)
     except ValueError as error:
         raise ConfigError(f"invalid run config: {error}") from error
-
-
-VALIDATION_CONFUSION_KEY = "val-confusion-matrix"
-"""Evaluation-reply key of a site's validation-split confusion counts (the server selects the best round by them)."""
-VALIDATION_BALANCED_ACCURACY_KEY = "val-balanced-accuracy"
-"""The balanced accuracy of the summed validation confusion counts, in the aggregated evaluation metrics."""
 
 
 class RoundInstructions(StrictModel):

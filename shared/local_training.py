@@ -15,7 +15,7 @@ from shared.data.loading import make_eval_loader, make_train_loader
 from shared.data.transforms import build_eval_transform, build_train_transform
 from shared.models.classifier import model_normalisation
 from shared.precision import Precision, resolve_precision
-from shared.training import TrainResult, evaluate, train_epochs
+from shared.training import TrainResult, evaluate, logits_and_labels, train_epochs
 
 
 def precision_for(
@@ -70,6 +70,15 @@ def train_on_images(
         global_arrays=global_arrays,
         description=description,
     )
+
+
+def logits_on_images(
+    model: nn.Module, images: CachedImages, *, batch_size: int, device: torch.device, precision: Precision
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits and the labels of the given images (all of them, in order)."""
+    mean, std = model_normalisation(model)
+    loader = make_eval_loader(images, batch_size=batch_size, transform=build_eval_transform(mean, std))
+    return logits_and_labels(model, loader, device=device, precision=precision)
 
 
 def evaluate_on_images(

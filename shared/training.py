@@ -224,9 +224,10 @@ def train_epochs(
     )
 
 
-def _logits_and_labels(
+def logits_and_labels(
     model: nn.Module, loader: DataLoader, *, device: torch.device, precision: Precision
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 logits [N, K] and int64 labels [N] of every batch on the CPU, in loader order."""
     place_model(model, torch.device(device)).eval()
     all_logits, all_labels = [], []
     with torch.no_grad():
@@ -244,7 +245,7 @@ def predict(
     model: nn.Module, loader: DataLoader, *, device: torch.device, precision: Precision
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities float32 [N, K] and labels int64 [N] of every batch, in loader order."""
-    logits, labels = _logits_and_labels(model, loader, device=device, precision=precision)
+    logits, labels = logits_and_labels(model, loader, device=device, precision=precision)
     return logits.softmax(dim=1).numpy().astype(np.float32), labels.numpy()
 
 
@@ -252,7 +253,7 @@ def evaluate(
     model: nn.Module, loader: DataLoader, *, device: torch.device, precision: Precision, classes: list[str]
 ) -> dict:
     """Metrics of `model` on `loader` (see `classification_metrics`) plus the mean cross-entropy `loss`."""
-    logits, labels = _logits_and_labels(model, loader, device=device, precision=precision)
+    logits, labels = logits_and_labels(model, loader, device=device, precision=precision)
     metrics = classification_metrics(labels.numpy(), logits.softmax(dim=1).numpy(), classes)
     metrics["loss"] = float(F.cross_entropy(logits, labels).item())
     return metrics

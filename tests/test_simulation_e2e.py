@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from shared.data.demo import write_demo_dataset
 from shared.models.classifier import load_classifier
@@ -47,6 +48,15 @@ def test_three_site_simulation_writes_the_run_folder_and_scores_an_unseen_folder
     model, saved = load_classifier(run_folder / "final_model.pt")
     assert saved.classes == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
     assert saved.preprocess.image_size == 64
+    # The handed-on model is the best round on the sites' validation splits, temperature-scaled on them.
+    document = json.loads((run_folder / "history.json").read_text())
+    best = max(history, key=lambda entry: (entry["evaluate"]["val-balanced-accuracy"], entry["round"]))["round"]
+    assert document["selected_round"] == best == saved.metadata["selected_round"]
+    temperature = saved.metadata["temperature"]
+    assert 0.25 <= temperature <= 8.0
+    selected, _ = load_classifier(run_folder / "checkpoints" / f"round_{best:03d}.pt")
+    assert torch.allclose(model.get_classifier().weight, selected.get_classifier().weight / temperature, atol=1e-6)
+    assert torch.equal(model.conv_stem.weight, selected.conv_stem.weight)
     assert _ray_processes() <= ray_before, "skin-fl-sim left Ray processes running"
 
     unseen = write_demo_dataset(tmp_path / "unseen", format="folder", num_images=60, seed=7)

@@ -1,0 +1,11 @@
+"""Message keys the sites and the server share: what a site reports and what the server asks of it."""
+
+VALIDATION_CONFUSION_KEY = "val-confusion-matrix"
+"""Evaluation-reply key of a site's validation-split confusion counts (the server selects the best round by them)."""
+VALIDATION_BALANCED_ACCURACY_KEY = "val-balanced-accuracy"
+"""The balanced accuracy of the summed validation confusion counts, in the aggregated evaluation metrics."""
+CALIBRATE_ACTION = "calibrate"
+"""Query action: score the sent model's validation logits at the grid temperatures."""
+CALIBRATE_MESSAGE = f"query.{CALIBRATE_ACTION}"
+NEGATIVE_LOG_LIKELIHOODS_KEY = "val-nll-sums"
+"""Calibration-reply key: summed negative log-likelihood of the site's validation images per grid temperature."""
