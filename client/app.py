@@ -9,37 +9,21 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.gan_handlers import register_gan_handlers, site_training_images
+from client.gan_handlers import register_gan_handlers
+from client.model_queries import register_model_queries
 from client.privacy_round import private_round_trainer
+from client.received import receive, round_training_images
 from client.report import FINAL_REPORT_KEY, site_report_folder, write_end_of_run_report
 from client.site_source import NodeConfigSite, SimulationSites
-from shared.calibration import TEMPERATURES, summed_negative_log_likelihoods
-from shared.config import RoundInstructions
-from shared.data.cache import concatenate
 from shared.data.feedback import feedback_summary
-from shared.device import resolve_device
-from shared.local_training import evaluate_on_images, logits_on_images, precision_for, site_round_seed, train_on_images
-from shared.models.classifier import build_classifier
-from shared.privacy.model_preparation import prepare_for_private_training
+from shared.local_training import evaluate_on_images, precision_for, site_round_seed, train_on_images
 from shared.privacy.training import private_train_metrics
-from shared.protocol import CALIBRATE_ACTION, NEGATIVE_LOG_LIKELIHOODS_KEY, VALIDATION_CONFUSION_KEY
-from shared.weights import load_arrays_into, model_to_arrays
-
-INSTRUCTIONS_KEY = "instructions"
+from shared.protocol import VALIDATION_CONFUSION_KEY
+from shared.weights import model_to_arrays
 
 
 def _nan_if_none(value) -> float:
     return float("nan") if value is None else float(value)
-
-
-def _global_model(message: Message, instructions: RoundInstructions, device: torch.device):
-    run = instructions.run
-    model = build_classifier(run.model, num_classes=len(run.classes))
-    if run.privacy.mode != "off":
-        prepare_for_private_training(model, run.privacy.trainable_stages)
-    arrays = {name: array.numpy() for name, array in message.content["arrays"].items()}
-    load_arrays_into(model, arrays)
-    return model.to(device), arrays
 
 
 def evaluation_metric_record(metrics: dict, validation: dict | None = None) -> MetricRecord:
@@ -76,15 +60,9 @@ def create_client_app(site_source: SimulationSites | NodeConfigSite | None = Non
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        instructions = RoundInstructions.model_validate_json(message.content["config"][INSTRUCTIONS_KEY])
-        run = instructions.run
-        site = source.load(context, run)
-        device = resolve_device(run.train.device)
-        model, arrays = _global_model(message, instructions, device)
-        train_images = site_training_images(source, context, site, run)
-        feedback_examples = site.feedback.used if site.feedback is not None else 0
-        if site.feedback is not None and site.feedback.images is not None:
-            train_images = concatenate([train_images, site.feedback.images])
+        received = receive(message, context, source)
+        instructions, run, site, device, model, arrays = received.unpack()
+        train_images, feedback_examples = round_training_images(received, source, context)
         precision = precision_for(model, run.train, device, run.preprocess.image_size, private=run.privacy.local)
         proximal = run.train.proximal_mu > 0
         train_round = train_on_images
@@ -126,11 +104,7 @@ def create_client_app(site_source: SimulationSites | NodeConfigSite | None = Non
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        instructions = RoundInstructions.model_validate_json(message.content["config"][INSTRUCTIONS_KEY])
-        run = instructions.run
-        site = source.load(context, run)
-        device = resolve_device(run.train.device)
-        model, _ = _global_model(message, instructions, device)
+        instructions, run, site, device, model, _ = receive(message, context, source).unpack()
         test_images = site.images.select("test")
         precision = precision_for(model, run.train, device, run.preprocess.image_size)
         metrics = evaluate_on_images(model, test_images, batch_size=run.train.batch_size * 2, device=device, precision=precision)
@@ -152,27 +126,7 @@ def create_client_app(site_source: SimulationSites | NodeConfigSite | None = Non
         )
         return Message(reply, reply_to=message)
 
-    @app.query(CALIBRATE_ACTION)
-    def calibrate(message: Message, context: Context) -> Message:
-        instructions = RoundInstructions.model_validate_json(message.content["config"][INSTRUCTIONS_KEY])
-        run = instructions.run
-        site = source.load(context, run)
-        device = resolve_device(run.train.device)
-        model, _ = _global_model(message, instructions, device)
-        val_images = site.images.select("val")
-        sums = [0.0] * len(TEMPERATURES)
-        if len(val_images):
-            precision = precision_for(model, run.train, device, run.preprocess.image_size)
-            logits, labels = logits_on_images(model, val_images, batch_size=run.train.batch_size * 2, device=device, precision=precision)
-            sums = summed_negative_log_likelihoods(logits, labels).tolist()
-        reply = RecordDict(
-            {
-                "metrics": MetricRecord({"num-examples": len(val_images), NEGATIVE_LOG_LIKELIHOODS_KEY: sums}),
-                "site": ConfigRecord({"name": site.name}),
-            }
-        )
-        return Message(reply, reply_to=message)
-
+    register_model_queries(app, source)
     register_gan_handlers(app, source)
     return app
 

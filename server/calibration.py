@@ -10,10 +10,9 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from server.checkpoint import array_record_to_numpy
-from server.strategy import INSTRUCTIONS_KEY
 from shared.calibration import best_temperature, fold_temperature
 from shared.config import RoundInstructions, RunConfig
-from shared.protocol import CALIBRATE_MESSAGE, NEGATIVE_LOG_LIKELIHOODS_KEY
+from shared.protocol import CALIBRATE_MESSAGE, INSTRUCTIONS_KEY, NEGATIVE_LOG_LIKELIHOODS_KEY
 from shared.weights import load_arrays_into, model_to_arrays
 
 logger = logging.getLogger(__name__)

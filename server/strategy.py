@@ -10,14 +10,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from server.aggregation import aggregate_site_metrics
+from server.batch_norm_recalibration import recalibrate_batch_norm
 from server.checkpoint import CheckpointWriter, array_record_to_numpy
 from server.history import MetricHistory
 from server.central_privacy import with_central_privacy
 from server.privacy_budget import PrivacyBudget
 from shared.aggregation import ServerOptimiser
 from shared.config import RoundInstructions, RunConfig
+from shared.protocol import INSTRUCTIONS_KEY
 
-INSTRUCTIONS_KEY = "instructions"
 SITE_RECORD_KEY = "site"
 
 
@@ -85,6 +86,7 @@ class RecordingMixin:
             self.privacy_budget.before_train(server_round, arrays, config)
         self._phase_started = time.monotonic()
         self._round_start_arrays = arrays
+        self._grid = grid
         return self._ask(super().configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(
@@ -106,6 +108,9 @@ class RecordingMixin:
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
             arrays = self.server_step(arrays)
+            if self.run.federation.batch_norm == "recalibrate":
+                trained = [reply.metadata.src_node_id for reply in replies if not reply.has_error()]
+                arrays = recalibrate_batch_norm(self._grid, self.run, arrays, trained, server_round)
         self.history.record_train(
             server_round,
             dict(metrics) if metrics is not None else {},

@@ -427,6 +427,8 @@ FLOWER_RUN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "amp": ("train", "amp"),
     "augment": ("train", "augment"),
     "max-steps-per-epoch": ("train", "max_steps_per_epoch"),
+    "local-steps": ("train", "local_steps"),
+    "label-smoothing": ("train", "label_smoothing"),
     "classes": ("classes",),
     "split-fractions": ("split_fractions",),
     "seed": ("seed",),
@@ -475,7 +477,7 @@ def run_config_from_flower(flat: dict) -> RunConfig:
         path = FLOWER_RUN_CONFIG_KEYS[key]
         if key in ("classes", "split-fractions") and isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
-        if key in ("grad-clip-norm", "max-steps-per-epoch", *_PRIVACY_NUMBER_KEYS) and value == _UNSET_NUMBER:
+        if key in ("grad-clip-norm", "max-steps-per-epoch", "local-steps", *_PRIVACY_NUMBER_KEYS) and value == _UNSET_NUMBER:
             value = None
         if key in ("gan-generator", "gan-feature-classifier") and value == "":
             value = None

@@ -1,5 +1,8 @@
 """Message keys the sites and the server share: what a site reports and what the server asks of it."""
 
+INSTRUCTIONS_KEY = "instructions"
+"""Config-record key of the round instructions (settings and learning-rate schedule) every message carries."""
+
 VALIDATION_CONFUSION_KEY = "val-confusion-matrix"
 """Evaluation-reply key of a site's validation-split confusion counts (the server selects the best round by them)."""
 VALIDATION_BALANCED_ACCURACY_KEY = "val-balanced-accuracy"
@@ -9,3 +12,6 @@ CALIBRATE_ACTION = "calibrate"
 CALIBRATE_MESSAGE = f"query.{CALIBRATE_ACTION}"
 NEGATIVE_LOG_LIKELIHOODS_KEY = "val-nll-sums"
 """Calibration-reply key: summed negative log-likelihood of the site's validation images per grid temperature."""
+BATCH_NORM_ACTION = "batch_norm"
+"""Query action: measure the sent model's BatchNorm statistics on the site's training images."""
+BATCH_NORM_MESSAGE = f"query.{BATCH_NORM_ACTION}"

@@ -23,6 +23,7 @@ from shared.data.cache import CachedImages, concatenate
 from shared.local_training import evaluate_on_images, precision_for, seed_everything, site_round_seed, train_on_images
 from shared.models.classifier import build_classifier
 from shared.weights import load_arrays_into, model_to_arrays
+from simulation.centralised import pooled_run
 
 FEDERATED_ARMS = ("fedavg", "fedprox", "fedavgm", "fedadam")
 ARMS = ("local", "pooled", *FEDERATED_ARMS)
@@ -182,12 +183,8 @@ def run_federated(context: ArmContext, arm: str) -> ArmResult:
 
 def run_pooled(context: ArmContext) -> ArmResult:
     """One model on the union of the sites' training splits, the same epochs and schedule as the federation."""
-    run = context.run
-    if run.train.local_steps is not None:
-        # The federation's steps of one round, summed over its sites.
-        pooled_steps = run.train.local_steps * len(context.sites)
-        run = run.model_copy(update={"train": run.train.model_copy(update={"local_steps": pooled_steps})})
-        context = ArmContext(run, context.sites, context.device, context.log)
+    run = pooled_run(context.run, len(context.sites))
+    context = ArmContext(run, context.sites, context.device, context.log)
     seed_everything(run.seed)
     model = context.new_model()
     pooled_train = concatenate([images.select("train") for images in context.sites.values()])

@@ -32,6 +32,13 @@ def summarise_site_evaluations(per_site: dict[str, dict]) -> dict:
     }
 
 
+def pooled_run(run: RunConfig, num_sites: int) -> RunConfig:
+    """The run's settings for pooled training: fixed local steps become the whole federation's steps of a round."""
+    if run.train.local_steps is None:
+        return run
+    return run.model_copy(update={"train": run.train.model_copy(update={"local_steps": run.train.local_steps * num_sites})})
+
+
 def train_centralised(run: RunConfig, site_images: dict[str, CachedImages], run_folder: Path) -> dict:
     """Train one model on the union of the sites' training splits; evaluate it on every site's test split.
 
@@ -40,6 +47,7 @@ def train_centralised(run: RunConfig, site_images: dict[str, CachedImages], run_
     """
     folder = Path(run_folder) / "centralised"
     folder.mkdir(parents=True, exist_ok=True)
+    run = pooled_run(run, len(site_images))
     seed_everything(run.seed)
     device = resolve_device(run.train.device)
     model = build_classifier(run.model, num_classes=len(run.classes)).to(device)

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pretrained", default="default", help="'default' (packaged ImageNet weights), 'none', or a local weights file")
     model.add_argument("--rounds", type=int, default=federation_defaults.rounds, help="federated rounds")
     model.add_argument("--local-epochs", type=int, default=train_defaults.local_epochs, help="local epochs per round")
+    model.add_argument("--local-steps", type=int, help="optimiser steps per site per round, the same at every site (instead of --local-epochs)")
+    model.add_argument("--label-smoothing", type=float, default=train_defaults.label_smoothing, help="label smoothing of the cross-entropy losses")
     model.add_argument("--batch-size", type=int, default=train_defaults.batch_size)
     model.add_argument("--lr", type=float, default=train_defaults.learning_rate, help="Adam learning rate at the start of the cosine schedule")
     model.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam", "fedavgm"], default="fedavg")
@@ -55,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["best-validation", "last-round"],
         default=federation_defaults.select_model,
         help="model the run hands on: best round on the sites' validation splits (default) or the last round",
+    )
+    model.add_argument(
+        "--batch-norm",
+        choices=["average", "recalibrate"],
+        default=federation_defaults.batch_norm,
+        help="BatchNorm statistics of the global model: average the sites' own, or recalibrate (measured at the sites on the aggregated model)",
     )
     model.add_argument("--fraction-train", type=float, default=1.0, help="fraction of sites that train each round")
     model.add_argument("--balance", choices=["sampler", "none"], default=train_defaults.balance, help="class balancing")
@@ -93,6 +101,8 @@ def run_config_from_args(args: argparse.Namespace, classes: list[str], device_im
                 batch_size=args.batch_size,
                 learning_rate=args.lr,
                 local_epochs=args.local_epochs,
+                local_steps=args.local_steps,
+                label_smoothing=args.label_smoothing,
                 balance=args.balance,
                 loss=args.loss,
                 amp=args.amp,
@@ -106,6 +116,7 @@ def run_config_from_args(args: argparse.Namespace, classes: list[str], device_im
                 server_learning_rate=args.server_lr,
                 server_momentum=args.server_momentum,
                 select_model=args.select_model,
+                batch_norm=args.batch_norm,
                 fraction_train=args.fraction_train,
                 min_sites=1,
             ),

@@ -107,3 +107,4 @@ def test_merged_statistics_are_the_pooled_mean_and_variance():
     pooled = np.concatenate([first, second])
     assert merged["layer.running_mean"] == pytest.approx([pooled.mean()])
     assert merged["layer.running_var"] == pytest.approx([pooled.var()])
+

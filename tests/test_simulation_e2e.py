@@ -27,7 +27,7 @@ def test_three_site_simulation_writes_the_run_folder_and_scores_an_unseen_folder
     result = _run(
         [
             "-m", "simulation.cli",
-            "--demo-images", "150", "--rounds", "2", "--image-size", "64", "--batch-size", "16",
+            "--demo-images", "150", "--rounds", "2", "--image-size", "64", "--batch-size", "16", "--batch-norm", "recalibrate",
             "--centralised", "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
         ],
         cwd=tmp_path,

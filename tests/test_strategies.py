@@ -114,3 +114,46 @@ def test_server_optimiser_state_round_trips():
     restored = ServerOptimiser("adam", learning_rate=0.1)
     restored.load_state(optimiser.state())
     assert restored.step({"w": np.zeros(2)}, {"w": np.ones(2)})["w"] == pytest.approx(optimiser.step({"w": np.zeros(2)}, {"w": np.ones(2)})["w"])
+
+
+class _FakeGrid:
+    """Answers every query with the statistics and image counts it was given, per destination node."""
+
+    def __init__(self, answers: dict[int, tuple[dict, int]]) -> None:
+        self.answers = answers
+        self.sent = []
+
+    def send_and_receive(self, messages, timeout=None):
+        self.sent.extend(messages)
+        replies = []
+        for message in messages:
+            statistics, count = self.answers[message.metadata.dst_node_id]
+            content = RecordDict(
+                {
+                    "statistics": ArrayRecord({name: Array(value) for name, value in statistics.items()}),
+                    "metrics": MetricRecord({"num-examples": count}),
+                }
+            )
+            replies.append(SimpleNamespace(content=content, metadata=SimpleNamespace(src_node_id=message.metadata.dst_node_id), has_error=lambda: False))
+        return replies
+
+
+def test_batch_norm_recalibration_merges_the_sites_measurements(tmp_path, monkeypatch):
+    from server.batch_norm_recalibration import recalibrate_batch_norm
+
+    monkeypatch.setattr("server.batch_norm_recalibration.Message", lambda content, dst_node_id, message_type: SimpleNamespace(
+        content=content, metadata=SimpleNamespace(dst_node_id=dst_node_id), message_type=message_type))
+    run = RunConfig(classes=["a", "b"], federation=FederationConfig(batch_norm="recalibrate"))
+    start = _arrays(0.5, 1.0)
+    grid = _FakeGrid(
+        {
+            1: ({"norm.running_mean": np.array([0.0, 0.0]), "norm.running_var": np.array([1.0, 1.0])}, 1),
+            2: ({"norm.running_mean": np.array([2.0, 2.0]), "norm.running_var": np.array([1.0, 1.0])}, 1),
+        }
+    )
+    merged = recalibrate_batch_norm(grid, run, ArrayRecord({k: Array(v) for k, v in start.items()}), [1, 2], 3)
+    assert {message.message_type for message in grid.sent} == {"query.batch_norm"}
+    assert merged["norm.running_mean"].numpy() == pytest.approx([1.0, 1.0])
+    # Law of total variance: within-site 1 plus between-site 1.
+    assert merged["norm.running_var"].numpy() == pytest.approx([2.0, 2.0])
+    assert merged["linear.weight"].numpy() == pytest.approx(start["linear.weight"])
