@@ -17,7 +17,8 @@ from server.gan_phase import feature_classifier_for, run_gan_phase
 from server.history import MetricHistory, write_json_atomically
 from server.model_selection import best_validation_round
 from server.site_reports import request_site_reports
-from server.privacy_budget import budget_stop_metadata, start_within_budget
+from server.privacy_budget import budget_stop_metadata
+from server.run_stop import start_until_stopped
 from server.plots import plot_history
 from server.resume import find_resume_point, gan_phase_needed, note_resume, restore_history
 from server.run_config_file import RESUME_KEY
@@ -74,7 +75,7 @@ def run_federation(
     start_arrays = resume.arrays if resume is not None and resume.arrays is not None else model_to_arrays(model)
     initial = ArrayRecord({name: Array(array) for name, array in start_arrays.items()})
     started = time.monotonic()
-    result = start_within_budget(
+    result = start_until_stopped(
         strategy,
         grid=grid,
         initial_arrays=initial,
@@ -86,6 +87,9 @@ def run_federation(
     # Flower's Result holds an empty ArrayRecord when no round produced new weights.
     final_arrays = result.arrays if result.arrays is not None and len(result.arrays) > 0 else initial
     selection = {"selection": run.federation.select_model}
+    if getattr(strategy, "early_stop", None) is not None:
+        selection["early_stop"] = strategy.early_stop
+        logger.info("skin-fl stopped early: %s", strategy.early_stop)
     if run.federation.select_model == "best-validation":
         selected = best_validation_round(history)
         if selected is not None:

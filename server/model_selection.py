@@ -17,3 +17,12 @@ def best_validation_round(history: MetricHistory) -> int | None:
         if entry["evaluate"].get(VALIDATION_BALANCED_ACCURACY_KEY) is not None
     ]
     return max(scored)[1] if scored else None
+
+
+def rounds_since_best_validation(history: MetricHistory) -> int | None:
+    """Evaluated rounds since the best validation balanced accuracy (0: the last round is the best; None: no figures)."""
+    best = best_validation_round(history)
+    if best is None:
+        return None
+    evaluated = [entry["round"] for entry in history.as_list() if entry["evaluate"].get(VALIDATION_BALANCED_ACCURACY_KEY) is not None]
+    return sum(1 for server_round in evaluated if server_round > best)

@@ -8,9 +8,9 @@ import math
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.serverapp.strategy import Result
 
 from server.history import MetricHistory, write_json_atomically
+from server.run_stop import RunStopped
 from shared.config import RunConfig
 from shared.errors import SkinFLError
 from shared.privacy.accounting import gan_round_label
@@ -21,13 +21,8 @@ PRIVACY_FILE = "privacy.json"
 logger = logging.getLogger(__name__)
 
 
-class PrivacyBudgetReached(SkinFLError):
+class PrivacyBudgetReached(RunStopped):
     """The next round would take a site past the run's epsilon budget; the run ends before it."""
-
-    def __init__(self, message: str, arrays: ArrayRecord, completed_rounds: int) -> None:
-        super().__init__(message)
-        self.arrays = arrays
-        self.completed_rounds = completed_rounds
 
 
 def _site_name(reply: Message) -> str:
@@ -223,16 +218,6 @@ def _finite(value):
     if isinstance(value, list):
         return [_finite(item) for item in value]
     return value
-
-
-def start_within_budget(strategy, **start_arguments) -> Result:
-    """`strategy.start(...)`, ending cleanly with the last global model when the privacy budget is reached."""
-    try:
-        return strategy.start(**start_arguments)
-    except PrivacyBudgetReached as stop:
-        result = Result()
-        result.arrays = stop.arrays
-        return result
 
 
 def budget_stop_metadata(strategy) -> dict:

@@ -13,6 +13,8 @@ from server.aggregation import aggregate_site_metrics
 from server.batch_norm_recalibration import recalibrate_batch_norm
 from server.checkpoint import CheckpointWriter, array_record_to_numpy
 from server.history import MetricHistory
+from server.model_selection import rounds_since_best_validation
+from server.run_stop import RunStopped
 from server.central_privacy import with_central_privacy
 from server.privacy_budget import PrivacyBudget
 from shared.aggregation import ServerOptimiser
@@ -50,6 +52,8 @@ class RecordingMixin:
     """Rounds a resumed run already completed: Flower counts from 1 again, the run goes on from here."""
     privacy_budget: PrivacyBudget | None = None
     """Epsilon per site and the budget stop of a run with local DP (None without it)."""
+    early_stop: dict | None = None
+    """Where early stopping ended the run (None: it did not)."""
 
     def setup_recording(self, run: RunConfig, history: MetricHistory, checkpoints: CheckpointWriter) -> None:
         """Attach the run settings and the run-folder writers."""
@@ -75,11 +79,25 @@ class RecordingMixin:
                 answered.add(node)
         return [self._site_of_node.get(node, f"node-{node}") for node in self._asked_nodes - answered]
 
+    def _stop_if_no_longer_improving(self, server_round: int, arrays: ArrayRecord) -> None:
+        patience = self.run.federation.early_stopping_patience
+        if patience is None:
+            return
+        waited = rounds_since_best_validation(self.history)
+        if waited is not None and waited >= patience:
+            self.early_stop = {"before_round": server_round, "rounds_without_improvement": waited}
+            raise RunStopped(
+                f"early stopping before round {server_round}: {waited} round(s) without a better validation balanced accuracy",
+                arrays,
+                server_round - 1,
+            )
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send this round's instructions (settings and learning-rate schedule) with the weights."""
         server_round += self.round_offset
+        self._stop_if_no_longer_improving(server_round, arrays)
         instructions = RoundInstructions.for_round(self.run, server_round)
         config[INSTRUCTIONS_KEY] = instructions.model_dump_json()
         if self.privacy_budget is not None:

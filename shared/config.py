@@ -145,6 +145,12 @@ class FederationConfig(StrictModel):
         "training, or recalibrate (every site measures the aggregated model's statistics on its training images, "
         "merged exactly into pooled statistics; one extra forward pass per site and round).",
     )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description="End the run when this many rounds in a row have not improved the sites' pooled validation "
+        "balanced accuracy (None: run every round).",
+    )
     select_model: Literal["best-validation", "last-round"] = Field(
         "best-validation",
         description="The model a run hands on (final_model.pt, site reports): the round with the best balanced "
@@ -409,6 +415,7 @@ FLOWER_RUN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "min-sites": ("federation", "min_sites"),
     "round-timeout": ("federation", "round_timeout_s"),
     "select-model": ("federation", "select_model"),
+    "early-stopping-patience": ("federation", "early_stopping_patience"),
     "batch-norm": ("federation", "batch_norm"),
     "calibrate": ("federation", "calibrate"),
     "model": ("model", "name"),
@@ -477,7 +484,7 @@ def run_config_from_flower(flat: dict) -> RunConfig:
         path = FLOWER_RUN_CONFIG_KEYS[key]
         if key in ("classes", "split-fractions") and isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
-        if key in ("grad-clip-norm", "max-steps-per-epoch", "local-steps", *_PRIVACY_NUMBER_KEYS) and value == _UNSET_NUMBER:
+        if key in ("grad-clip-norm", "max-steps-per-epoch", "local-steps", "early-stopping-patience", *_PRIVACY_NUMBER_KEYS) and value == _UNSET_NUMBER:
             value = None
         if key in ("gan-generator", "gan-feature-classifier") and value == "":
             value = None

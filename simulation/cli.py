@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="model the run hands on: best round on the sites' validation splits (default) or the last round",
     )
     model.add_argument(
+        "--early-stopping-patience",
+        type=int,
+        help="end the run after this many rounds without a better validation balanced accuracy (default: run every round)",
+    )
+    model.add_argument(
         "--batch-norm",
         choices=["average", "recalibrate"],
         default=federation_defaults.batch_norm,
@@ -116,6 +121,7 @@ def run_config_from_args(args: argparse.Namespace, classes: list[str], device_im
                 server_learning_rate=args.server_lr,
                 server_momentum=args.server_momentum,
                 select_model=args.select_model,
+                early_stopping_patience=args.early_stopping_patience,
                 batch_norm=args.batch_norm,
                 fraction_train=args.fraction_train,
                 min_sites=1,

@@ -157,3 +157,22 @@ def test_batch_norm_recalibration_merges_the_sites_measurements(tmp_path, monkey
     # Law of total variance: within-site 1 plus between-site 1.
     assert merged["norm.running_var"].numpy() == pytest.approx([2.0, 2.0])
     assert merged["linear.weight"].numpy() == pytest.approx(start["linear.weight"])
+
+
+def test_early_stopping_ends_the_run_once_validation_stops_improving(tmp_path):
+    from flwr.app import ConfigRecord
+
+    from server.run_stop import RunStopped
+
+    strategy, _ = _strategy(tmp_path, "fedavg", early_stopping_patience=2)
+    arrays = ArrayRecord({name: Array(value) for name, value in _arrays(1.0, 1.0).items()})
+    for server_round, score in ((1, 0.5), (2, 0.6), (3, 0.55)):
+        strategy.history.record_evaluate(server_round, {"val-balanced-accuracy": score}, {}, 1.0)
+    # One round without improvement: round 4 goes ahead.
+    strategy._stop_if_no_longer_improving(4, arrays)
+    assert strategy.early_stop is None
+    strategy.history.record_evaluate(4, {"val-balanced-accuracy": 0.58}, {}, 1.0)
+    with pytest.raises(RunStopped, match="before round 5: 2 round") as stop:
+        strategy.configure_train(5, arrays, ConfigRecord(), None)
+    assert stop.value.completed_rounds == 4 and stop.value.arrays is arrays
+    assert strategy.early_stop == {"before_round": 5, "rounds_without_improvement": 2}
