@@ -18,9 +18,17 @@ from torch import nn
 
 from shared.aggregation import ServerOptimiser, weighted_average
 from shared.batch_norm import measure_batch_norm_statistics, merge_batch_norm_statistics
+from shared.calibration import best_temperature, calibration_bins, summed_negative_log_likelihoods
 from shared.config import RoundInstructions, RunConfig
 from shared.data.cache import CachedImages, concatenate
-from shared.local_training import evaluate_on_images, precision_for, seed_everything, site_round_seed, train_on_images
+from shared.local_training import (
+    evaluate_on_images,
+    logits_on_images,
+    precision_for,
+    seed_everything,
+    site_round_seed,
+    train_on_images,
+)
 from shared.models.classifier import build_classifier
 from shared.weights import load_arrays_into, model_to_arrays
 from simulation.centralised import pooled_run
@@ -39,6 +47,7 @@ class ArmResult:
     wall_seconds: float
     rounds: list[dict] = field(default_factory=list)
     per_site: dict[str, dict] = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
 
     def final(self) -> dict:
         """Test figures of the last round's model."""
@@ -57,6 +66,7 @@ class ArmResult:
             "wall_seconds": self.wall_seconds,
             "rounds": self.rounds,
             "per_site": self.per_site,
+            "calibration": self.calibration,
             "final": self.final(),
             "selected_round": self.selected_round(),
             "selected": self.rounds[self.selected_round() - 1]["test"],
@@ -91,6 +101,21 @@ class ArmContext:
             "val_balanced_accuracy": val["balanced_accuracy"],
             "test": {name: test[name] for name in REPORTED_METRICS},
             "test_recall": {name: item["recall"] for name, item in test["per_class"].items()},
+        }
+
+    def calibration(self, model: nn.Module) -> dict:
+        """Temperature fitted on the pooled validation split (as a run fits it) and the test ECE before and after."""
+        precision = precision_for(model, self.run.train, self.device, self.run.preprocess.image_size)
+        batch = self.run.train.batch_size * 2
+        val_logits, val_labels = logits_on_images(model, self.pooled_val, batch_size=batch, device=self.device, precision=precision)
+        temperature = best_temperature(summed_negative_log_likelihoods(val_logits, val_labels))
+        test_logits, test_labels = logits_on_images(model, self.pooled_test, batch_size=batch, device=self.device, precision=precision)
+        before = calibration_bins(test_logits.softmax(dim=1).numpy(), test_labels.numpy())
+        after = calibration_bins((test_logits / temperature).softmax(dim=1).numpy(), test_labels.numpy())
+        return {
+            "temperature": temperature,
+            "test_ece": before["expected_calibration_error"],
+            "test_ece_calibrated": after["expected_calibration_error"],
         }
 
     def per_site_test(self, model: nn.Module) -> dict[str, dict]:
@@ -178,6 +203,7 @@ def run_federated(context: ArmContext, arm: str) -> ArmResult:
         context.log(_progress_line(arm, run.seed, result.rounds[-1], federation.rounds, time.monotonic() - started))
     result.wall_seconds = time.monotonic() - started
     result.per_site = context.per_site_test(model)
+    result.calibration = context.calibration(model)
     return result
 
 
@@ -196,6 +222,7 @@ def run_pooled(context: ArmContext) -> ArmResult:
         context.log(_progress_line("pooled", run.seed, result.rounds[-1], run.federation.rounds, time.monotonic() - started))
     result.wall_seconds = time.monotonic() - started
     result.per_site = context.per_site_test(model)
+    result.calibration = context.calibration(model)
     return result
 
 

@@ -15,6 +15,8 @@ COLUMNS = (
     ("macro_auc", "macro AUC", lambda cell: cell["final"]["macro_auc"]),
     ("melanoma_sensitivity", "mel. sensitivity", lambda cell: cell["final"]["melanoma_sensitivity"]),
     ("min_melanoma_sensitivity_after_round_2", "worst mel. sens. / best (rounds > 2)", lambda cell: _melanoma_stability(cell)),
+    ("test_ece", "ECE", lambda cell: cell.get("calibration", {}).get("test_ece")),
+    ("test_ece_calibrated", "ECE calibrated", lambda cell: cell.get("calibration", {}).get("test_ece_calibrated")),
     ("wall_seconds", "wall s", lambda cell: cell["wall_seconds"]),
 )
 
