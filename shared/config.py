@@ -376,6 +376,12 @@ class RunConfig(StrictModel):
     def _privacy_fits_the_run(self) -> RunConfig:
         if not self.privacy.local:
             return self
+        if self.federation.batch_norm == "recalibrate":
+            raise ValueError(
+                "BatchNorm statistics measured on the training images would leave each site outside the DP-SGD "
+                "accounting (and a privately trained model has no BatchNorm statistics to recalibrate); keep "
+                "federation.batch_norm 'average' with privacy.mode 'local'"
+            )
         if self.train.local_steps is not None:
             raise ValueError(
                 "local DP-SGD plans its steps from Poisson-sampled epochs (the accounting depends on them), so "

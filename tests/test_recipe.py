@@ -108,3 +108,12 @@ def test_merged_statistics_are_the_pooled_mean_and_variance():
     assert merged["layer.running_mean"] == pytest.approx([pooled.mean()])
     assert merged["layer.running_var"] == pytest.approx([pooled.var()])
 
+
+
+def test_batch_norm_recalibration_is_refused_under_local_privacy():
+    with pytest.raises(ValueError, match="outside the DP-SGD accounting"):
+        RunConfig(
+            train={"balance": "none"},
+            federation={"batch_norm": "recalibrate"},
+            privacy={"mode": "local", "target_epsilon": 8.0, "target_delta": 1e-5, "max_grad_norm": 1.0},
+        )
