@@ -24,22 +24,36 @@ def _bench(out: Path, demo_data: Path, cache: Path, *extra: str) -> int:
 
 
 @pytest.mark.slow
-def test_bench_writes_cells_and_table_then_skips_finished_cells(tmp_path, demo_data, capsys):
+def test_gpu_script_writes_cells_and_table_then_the_bench_skips_finished_cells(tmp_path, demo_data, capsys):
     out, cache = tmp_path / "bench", tmp_path / "cache"
-    assert _bench(out, demo_data, cache, "--arms", "pooled", "fedavg", "--seeds", "0") == 0
+    # The GPU headline script, run tiny on the CPU: pooled and FedAvg, one seed.
+    environment = {
+        **os.environ,
+        "DEVICE": "cpu",
+        "WORKERS": "0",
+        "ROUNDS": "2",
+        "IMAGE_SIZE": "32",
+        "BENCH_ARGS": f"--max-steps-per-epoch 2 --batch-size 8 --cache-dir {cache}",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    script = Path(__file__).resolve().parents[1] / "simulation" / "gpu_headline.sh"
+    finished = subprocess.run(
+        ["bash", str(script), str(demo_data), str(out), "0"], env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
     cells = sorted(path.name for path in (out / "cells").glob("*.json"))
     assert cells == ["fedavg_seed0.json", "pooled_seed0.json"]
     cell = json.loads((out / "cells" / "fedavg_seed0.json").read_text())
     assert [entry["round"] for entry in cell["rounds"]] == [1, 2]
     assert 1 <= cell["selected_round"] <= 2
     assert set(cell["per_site"]) == {"demo_clinic_1", "demo_clinic_2", "demo_clinic_3"}
+    assert cell["calibration"]["temperature"] > 0
     table = (out / "table.md").read_text()
     assert "| pooled | 1 |" in table and "| fedavg | 1 |" in table
     assert (out / "table.png").stat().st_size > 0 and (out / "table.csv").exists()
     written = (out / "cells" / "pooled_seed0.json").stat().st_mtime_ns
-    capsys.readouterr()
 
-    # Run again with one more arm: the finished cells are kept, only the new one runs.
+    # The same settings with one more arm: the finished cells are kept, only the new one runs.
     assert _bench(out, demo_data, cache, "--arms", "pooled", "fedavg", "fedavgm", "--seeds", "0") == 0
     printed = capsys.readouterr().out
     assert "pooled seed 0: done earlier, kept" in printed and "fedavg seed 0: done earlier, kept" in printed
@@ -54,21 +68,3 @@ def test_bench_refuses_to_mix_cells_of_other_settings(tmp_path, demo_data, capsy
     assert _bench(out, demo_data, tmp_path / "cache", "--arms", "pooled", "--seeds", "0") == 2
     assert "use another --out" in capsys.readouterr().err
 
-
-@pytest.mark.slow
-def test_gpu_headline_script_runs_tiny_on_cpu(tmp_path, demo_data):
-    environment = {
-        **os.environ,
-        "DEVICE": "cpu",
-        "WORKERS": "0",
-        "ROUNDS": "1",
-        "IMAGE_SIZE": "32",
-        "BENCH_ARGS": f"--max-steps-per-epoch 1 --batch-size 8 --cache-dir {tmp_path / 'cache'}",
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    script = Path(__file__).resolve().parents[1] / "simulation" / "gpu_headline.sh"
-    finished = subprocess.run(
-        ["bash", str(script), str(demo_data), str(tmp_path / "out"), "0"], env=environment, capture_output=True, text=True, timeout=600
-    )
-    assert finished.returncode == 0, finished.stderr[-2000:]
-    assert sorted(path.name for path in (tmp_path / "out" / "cells").glob("*.json")) == ["fedavg_seed0.json", "pooled_seed0.json"]
