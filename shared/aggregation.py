@@ -42,7 +42,8 @@ class ServerOptimiser:
 
     The pseudo-gradient is `average - current`. `average` (FedAvg) takes the average as it is;
     `momentum` (FedAvgM, Hsu et al. 2019) keeps v = beta v + delta and steps current + lr v;
-    `adam` (FedAdam) steps current + lr m / (sqrt(v) + tau) with Adam's moment estimates.
+    `adam` (FedAdam) steps current + lr_t m / (sqrt(v) + tau) with Adam's moment estimates and
+    its bias correction lr_t = lr sqrt(1 - beta2^t) / (1 - beta1^t) at server step t.
     BatchNorm running statistics always take the plain average: a server step on a mean or a
     variance has no meaning (and can push a variance below zero).
     """
@@ -65,6 +66,7 @@ class ServerOptimiser:
         self.beta1, self.beta2, self.tau = beta1, beta2, tau
         self.first_moment: dict[str, np.ndarray] = {}
         self.second_moment: dict[str, np.ndarray] = {}
+        self.steps = 0
 
     @classmethod
     def for_strategy(cls, strategy: str, *, server_learning_rate: float, server_momentum: float) -> ServerOptimiser:
@@ -79,6 +81,8 @@ class ServerOptimiser:
         """The next global arrays from the current global arrays and the sites' average."""
         if self.kind == "average":
             return {name: np.array(value, copy=True) for name, value in average.items()}
+        self.steps += 1
+        corrected_rate = self.learning_rate * np.sqrt(1 - self.beta2**self.steps) / (1 - self.beta1**self.steps)
         updated = {}
         for name, averaged in average.items():
             if is_batch_norm_statistic(name) or not np.issubdtype(np.asarray(averaged).dtype, np.floating):
@@ -94,15 +98,20 @@ class ServerOptimiser:
                 first = self.beta1 * self.first_moment.get(name, 0.0) + (1 - self.beta1) * delta
                 second = self.beta2 * self.second_moment.get(name, 0.0) + (1 - self.beta2) * delta**2
                 self.first_moment[name], self.second_moment[name] = first, second
-                step = self.learning_rate * first / (np.sqrt(second) + self.tau)
+                step = corrected_rate * first / (np.sqrt(second) + self.tau)
             updated[name] = (base + step).astype(np.asarray(averaged).dtype)
         return updated
 
     def state(self) -> dict[str, np.ndarray]:
         """The optimiser's moments as named arrays (saved with a checkpoint, so a resumed run continues them)."""
-        return {**{f"first/{k}": v for k, v in self.first_moment.items()}, **{f"second/{k}": v for k, v in self.second_moment.items()}}
+        return {
+            "steps": np.asarray(self.steps),
+            **{f"first/{k}": v for k, v in self.first_moment.items()},
+            **{f"second/{k}": v for k, v in self.second_moment.items()},
+        }
 
     def load_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore moments written by `state`."""
+        self.steps = int(state.get("steps", 0))
         self.first_moment = {k.split("/", 1)[1]: np.asarray(v) for k, v in state.items() if k.startswith("first/")}
         self.second_moment = {k.split("/", 1)[1]: np.asarray(v) for k, v in state.items() if k.startswith("second/")}

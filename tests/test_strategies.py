@@ -176,3 +176,12 @@ def test_early_stopping_ends_the_run_once_validation_stops_improving(tmp_path):
         strategy.configure_train(5, arrays, ConfigRecord(), None)
     assert stop.value.completed_rounds == 4 and stop.value.arrays is arrays
     assert strategy.early_stop == {"before_round": 5, "rounds_without_improvement": 2}
+
+
+def test_fedadam_second_step_uses_adam_bias_correction():
+    optimiser = ServerOptimiser("adam", learning_rate=0.1)
+    first = optimiser.step({"w": np.zeros(1)}, {"w": np.ones(1)})
+    second = optimiser.step(first, {"w": first["w"] + 1.0})
+    m, v = 0.9 * 0.1 + 0.1 * 1.0, 0.99 * 0.01 + 0.01 * 1.0
+    rate = 0.1 * np.sqrt(1 - 0.99**2) / (1 - 0.9**2)
+    assert second["w"] - first["w"] == pytest.approx([rate * m / (np.sqrt(v) + 1e-3)])
