@@ -118,11 +118,13 @@ class ArmContext:
             "test_ece_calibrated": after["expected_calibration_error"],
         }
 
-    def per_site_test(self, model: nn.Module) -> dict[str, dict]:
-        """Test figures of `model` on every site's own test split."""
+    def per_site_test(self, model: nn.Module, only: str | None = None) -> dict[str, dict]:
+        """Test figures of `model` on every site's own test split (or on site `only`'s)."""
         precision = precision_for(model, self.run.train, self.device, self.run.preprocess.image_size)
         figures = {}
         for site, images in self.sites.items():
+            if only is not None and site != only:
+                continue
             test = evaluate_on_images(
                 model, images.select("test"), batch_size=self.run.train.batch_size * 2, device=self.device, precision=precision
             )
@@ -244,7 +246,7 @@ def run_local(context: ArmContext) -> ArmResult:
         for server_round in range(1, run.federation.rounds + 1):
             context.train_site(model, train, server_round, site)
             per_site_rounds[site].append(context.score(model, server_round))
-        own_test[site] = context.per_site_test(model)[site]
+        own_test[site] = context.per_site_test(model, only=site)[site]
         context.log(_progress_line(f"local {site}", run.seed, per_site_rounds[site][-1], run.federation.rounds, time.monotonic() - started))
     result = ArmResult("local", run.seed, time.monotonic() - started)
     for index in range(run.federation.rounds):
