@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -57,7 +58,13 @@ class TrainConfig(StrictModel):
     learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate at the start of the schedule.")
     min_learning_rate_ratio: float = Field(0.05, ge=0, le=1, description="Cosine schedule floor as a fraction of the start rate.")
     weight_decay: float = Field(1e-5, ge=0, le=1.0, description="Adam weight decay.")
-    local_epochs: int = Field(1, ge=1, le=100, description="Passes over the site's training split per round.")
+    local_epochs: float = Field(
+        1,
+        gt=0,
+        le=100,
+        description="Passes over the site's training split per round; a fraction (0.25) runs that share of one "
+        "pass, so more, shorter rounds cover the same epochs with less drift between sites.",
+    )
     local_steps: int | None = Field(
         None,
         ge=1,
@@ -107,7 +114,22 @@ class TrainConfig(StrictModel):
                 "local_steps fixes the steps of a round, so local_epochs and max_steps_per_epoch do not apply; "
                 "set local_steps alone, or drop it and use local_epochs"
             )
+        if not float(self.local_epochs).is_integer() and self.max_steps_per_epoch is not None:
+            raise ValueError(
+                f"local_epochs {self.local_epochs} is a share of one pass, which max_steps_per_epoch would cut again; "
+                "drop max_steps_per_epoch or use whole local_epochs"
+            )
         return self
+
+    def whole_local_epochs(self) -> int | None:
+        """local_epochs as a count of whole passes, or None when it is a share of one pass."""
+        return int(self.local_epochs) if float(self.local_epochs).is_integer() else None
+
+    def steps_of_partial_epoch(self, num_images: int) -> int | None:
+        """Optimiser steps of a round whose local_epochs is a share of one pass (None for whole passes)."""
+        if self.whole_local_epochs() is not None:
+            return None
+        return max(1, round(self.local_epochs * math.ceil(num_images / self.batch_size)))
 
     @model_validator(mode="after")
     def _one_class_balancing(self) -> TrainConfig:
@@ -330,6 +352,16 @@ class ReportConfig(StrictModel):
     site_reports: bool = Field(True, description="Ask every site for its local report after the last round.")
     gallery_per_class: int = Field(3, ge=0, le=50, description="Correct and wrong Grad-CAM examples per class in the gallery.")
     gradcam_method: Literal["gradcam", "gradcam++"] = Field("gradcam", description="Saliency method of the gallery.")
+    personalise_epochs: float = Field(
+        0.0,
+        ge=0,
+        le=20,
+        description="Passes (or a share of one) over the site's training split that fine-tune the final global model "
+        "into the site's personalised model, reported beside the global one (0: no personalised model).",
+    )
+    personalise_learning_rate: float = Field(
+        1e-4, gt=0, le=1.0, description="Start of the personalising fine-tune's cosine (it ends at the run's floor ratio)."
+    )
 
 
 class RunConfig(StrictModel):
@@ -386,6 +418,11 @@ class RunConfig(StrictModel):
             raise ValueError(
                 "local DP-SGD plans its steps from Poisson-sampled epochs (the accounting depends on them), so "
                 "train.local_steps does not apply; drop it and use train.local_epochs"
+            )
+        if self.train.whole_local_epochs() is None:
+            raise ValueError(
+                f"local DP-SGD accounts whole Poisson-sampled epochs, so train.local_epochs {self.train.local_epochs} "
+                "(a share of one pass) does not apply; use a whole number of local epochs"
             )
         if self.train.balance == "sampler":
             raise ValueError(
@@ -468,6 +505,8 @@ FLOWER_RUN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "site-reports": ("report", "site_reports"),
     "report-gallery-size": ("report", "gallery_per_class"),
     "report-gradcam-method": ("report", "gradcam_method"),
+    "personalise-epochs": ("report", "personalise_epochs"),
+    "personalise-learning-rate": ("report", "personalise_learning_rate"),
 }
 """Flat kebab-case keys of `[tool.flwr.app.config]` and where each lands in `RunConfig`."""
 

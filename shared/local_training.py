@@ -45,7 +45,7 @@ def train_on_images(
     global_arrays: Mapping[str, torch.Tensor] | None = None,
     description: str = "train",
 ) -> TrainResult:
-    """Fine-tune `model` in place on the given (training) images for `config.local_steps` steps or `config.local_epochs`."""
+    """Fine-tune `model` in place on the given (training) images for `config.local_steps` steps or `config.local_epochs` passes (or share of one)."""
     mean, std = model_normalisation(model)
     loader = make_train_loader(
         images,
@@ -55,7 +55,7 @@ def train_on_images(
         seed=seed,
         num_workers=config.num_workers,
         max_steps=config.max_steps_per_epoch,
-        exact_steps=config.local_steps,
+        exact_steps=config.local_steps if config.local_steps is not None else config.steps_of_partial_epoch(len(images)),
     )
     return train_epochs(
         model,
@@ -65,7 +65,7 @@ def train_on_images(
         precision=precision,
         learning_rate_start=learning_rate_start,
         learning_rate_end=learning_rate_end,
-        epochs=config.local_epochs if config.local_steps is None else 1,
+        epochs=(config.whole_local_epochs() or 1) if config.local_steps is None else 1,
         class_counts=images.class_counts(),
         global_arrays=global_arrays,
         description=description,

@@ -1,4 +1,4 @@
-"""Training arms of skin-fl-bench, run in one process over prepared sites: pooled, local-only and federated.
+"""Training arms of skin-fl-bench, run in one process over prepared sites: pooled, local-only, federated, personalised.
 
 A federated arm runs the same site training (`train_on_images`, the ClientApp's own call) and the
 same server aggregation (`shared.aggregation`, the strategies' own arithmetic) as a Flower run,
@@ -30,11 +30,12 @@ from shared.local_training import (
     train_on_images,
 )
 from shared.models.classifier import build_classifier
+from shared.personalisation import personalise
 from shared.weights import load_arrays_into, model_to_arrays
 from simulation.centralised import pooled_run
 
 FEDERATED_ARMS = ("fedavg", "fedprox", "fedavgm", "fedadam")
-ARMS = ("local", "pooled", *FEDERATED_ARMS)
+ARMS = ("local", "pooled", *FEDERATED_ARMS, "personalised")
 REPORTED_METRICS = ("balanced_accuracy", "accuracy", "macro_auc", "melanoma_sensitivity")
 
 
@@ -47,6 +48,7 @@ class ArmResult:
     wall_seconds: float
     rounds: list[dict] = field(default_factory=list)
     per_site: dict[str, dict] = field(default_factory=dict)
+    per_site_global: dict[str, dict] = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
 
     def final(self) -> dict:
@@ -66,6 +68,7 @@ class ArmResult:
             "wall_seconds": self.wall_seconds,
             "rounds": self.rounds,
             "per_site": self.per_site,
+            "per_site_global": self.per_site_global,
             "calibration": self.calibration,
             "final": self.final(),
             "selected_round": self.selected_round(),
@@ -166,6 +169,11 @@ class ArmContext:
 
 def run_federated(context: ArmContext, arm: str) -> ArmResult:
     """FedAvg, FedProx, FedAvgM or FedAdam over every site, every round."""
+    return _federate(context, arm)[0]
+
+
+def _federate(context: ArmContext, arm: str) -> tuple[ArmResult, nn.Module]:
+    """A federated arm's result and its final global model."""
     run = context.run
     federation = run.federation
     if arm == "fedprox":
@@ -206,6 +214,30 @@ def run_federated(context: ArmContext, arm: str) -> ArmResult:
     result.wall_seconds = time.monotonic() - started
     result.per_site = context.per_site_test(model)
     result.calibration = context.calibration(model)
+    return result, model
+
+
+def run_personalised(context: ArmContext) -> ArmResult:
+    """FedAvg, then every site fine-tunes the final global model on its own training split.
+
+    Rounds and calibration are the global model's; `per_site` holds each site's personalised model
+    on that site's own test split, `per_site_global` the global model on the same split.
+    """
+    result, model = _federate(context, "fedavg")
+    result.arm = "personalised"
+    result.per_site_global = result.per_site
+    started = time.monotonic()
+    result.per_site = {}
+    for site, images in context.sites.items():
+        seed = site_round_seed(context.run.seed, context.run.federation.rounds + 1, site)
+        tuned = personalise(model, images.select("train"), context.run, device=context.device, seed=seed)
+        result.per_site[site] = context.per_site_test(tuned, only=site)[site]
+        global_figure = result.per_site_global[site]["balanced_accuracy"]
+        context.log(
+            f"[personalised seed {context.run.seed}] {site}: bal. acc {result.per_site[site]['balanced_accuracy']:.3f} "
+            f"(global model {global_figure:.3f})"
+        )
+    result.wall_seconds += time.monotonic() - started
     return result
 
 
@@ -270,6 +302,8 @@ def run_arm(context: ArmContext, arm: str) -> ArmResult:
         return run_local(context)
     if arm in FEDERATED_ARMS:
         return run_federated(context, arm)
+    if arm == "personalised":
+        return run_personalised(context)
     raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
 
 

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from shared.config import DEFAULT_MODEL, FederationConfig, ModelConfig, PreprocessConfig, RunConfig, TrainConfig
+from shared.config import DEFAULT_MODEL, FederationConfig, ModelConfig, PreprocessConfig, ReportConfig, RunConfig, TrainConfig
 from shared.errors import SkinFLError
 from simulation.arms import ARMS
 from simulation.bench_table import write_table
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (the splits stay the same)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the lesion-disjoint splits shared by every cell")
     parser.add_argument("--rounds", type=int, default=8, help="rounds (federated) = epochs (pooled, local) x local epochs")
-    parser.add_argument("--local-epochs", type=int, default=train.local_epochs)
+    parser.add_argument("--local-epochs", type=float, default=train.local_epochs)
     parser.add_argument(
         "--local-steps",
         default=None,
@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-lr", type=float, default=federation.server_learning_rate, help="FedAdam server step size")
     parser.add_argument("--server-momentum", type=float, default=federation.server_momentum)
     parser.add_argument("--batch-norm", choices=["average", "recalibrate"], default=federation.batch_norm, help="BatchNorm statistics of the global model")
+    parser.add_argument(
+        "--personalise-epochs", type=float, default=1.0, help="passes of each site's fine-tune in the personalised arm"
+    )
+    parser.add_argument("--personalise-lr", type=float, default=ReportConfig().personalise_learning_rate)
     parser.add_argument("--amp", choices=["auto", "on", "off"], default=train.amp)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -94,6 +98,7 @@ def bench_run_config(args: argparse.Namespace, classes: list[str], seed: int) ->
                 batch_norm=args.batch_norm,
                 min_sites=1,
             ),
+            report=ReportConfig(personalise_epochs=args.personalise_epochs, personalise_learning_rate=args.personalise_lr),
             seed=seed,
         )
     except ValueError as error:
@@ -110,7 +115,9 @@ def check_settings(out: Path, settings: dict) -> None:
     """Write the folder's settings, or refuse to mix cells of other settings into it."""
     path = out / "settings.json"
     if path.exists():
-        saved = json.loads(path.read_text())
+        # A setting added since the folder was written counts as its default there.
+        defaults = _settings(build_parser().parse_args(["--out", str(out)]))
+        saved = {**defaults, **json.loads(path.read_text())}
         changed = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))
         if changed:
             raise SkinFLError(

@@ -12,6 +12,7 @@ COLUMNS = (
     ("balanced_accuracy", "bal. acc (final)", lambda cell: cell["final"]["balanced_accuracy"]),
     ("selected_balanced_accuracy", "bal. acc (val-selected)", lambda cell: cell["selected"]["balanced_accuracy"]),
     ("site_mean_balanced_accuracy", "bal. acc (mean over sites)", lambda cell: _site_mean(cell, "balanced_accuracy")),
+    ("site_mean_balanced_accuracy_global", "bal. acc (mean over sites, global model)", lambda cell: _site_mean(cell, "balanced_accuracy", "per_site_global")),
     ("macro_auc", "macro AUC", lambda cell: cell["final"]["macro_auc"]),
     ("melanoma_sensitivity", "mel. sensitivity", lambda cell: cell["final"]["melanoma_sensitivity"]),
     ("min_melanoma_sensitivity_after_round_2", "worst mel. sens. / best (rounds > 2)", lambda cell: _melanoma_stability(cell)),
@@ -21,8 +22,8 @@ COLUMNS = (
 )
 
 
-def _site_mean(cell: dict, metric: str) -> float | None:
-    values = [figures[metric] for figures in cell["per_site"].values() if figures.get(metric) is not None]
+def _site_mean(cell: dict, metric: str, which: str = "per_site") -> float | None:
+    values = [figures[metric] for figures in cell.get(which, {}).values() if figures.get(metric) is not None]
     return float(np.mean(values)) if values else None
 
 

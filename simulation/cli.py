@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", default=DEFAULT_MODEL, help=f"timm architecture (default {DEFAULT_MODEL})")
     model.add_argument("--pretrained", default="default", help="'default' (packaged ImageNet weights), 'none', or a local weights file")
     model.add_argument("--rounds", type=int, default=federation_defaults.rounds, help="federated rounds")
-    model.add_argument("--local-epochs", type=int, default=train_defaults.local_epochs, help="local epochs per round")
+    model.add_argument("--local-epochs", type=float, default=train_defaults.local_epochs, help="local epochs per round")
     model.add_argument("--local-steps", type=int, help="optimiser steps per site per round, the same at every site (instead of --local-epochs)")
     model.add_argument("--label-smoothing", type=float, default=train_defaults.label_smoothing, help="label smoothing of the cross-entropy losses")
     model.add_argument("--batch-size", type=int, default=train_defaults.batch_size)
@@ -240,7 +240,7 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
     print()
     print(
         format_result_table(
-            f"Federated ({run.federation.strategy}, {run.federation.rounds} rounds x {run.train.local_epochs} local epochs) "
+            f"Federated ({run.federation.strategy}, {run.federation.rounds} rounds x {run.train.local_epochs:g} local epochs) "
             f"- {handed_on_model(history)} on each site's test split",
             {site: site_metrics_from_flower(metrics) for site, metrics in per_site.items()},
             site_metrics_from_flower(aggregate),
@@ -254,7 +254,7 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
         print()
         print(
             format_result_table(
-                f"Pooled (centralised, {run.federation.rounds * run.train.local_epochs} epochs) - same test splits",
+                f"Pooled (centralised, {run.federation.rounds * run.train.local_epochs:g} epochs) - same test splits",
                 pooled["final"]["sites"],
                 pooled["final"]["evaluate"],
             )

@@ -68,3 +68,14 @@ def test_bench_refuses_to_mix_cells_of_other_settings(tmp_path, demo_data, capsy
     assert _bench(out, demo_data, tmp_path / "cache", "--arms", "pooled", "--seeds", "0") == 2
     assert "use another --out" in capsys.readouterr().err
 
+
+
+def test_personalised_arm_reports_each_sites_tuned_and_global_model_side_by_side(tmp_path, demo_data):
+    out = tmp_path / "bench"
+    assert _bench(out, demo_data, tmp_path / "cache", "--arms", "personalised", "--seeds", "0", "--personalise-epochs", "0.5") == 0
+    cell = json.loads((out / "cells" / "personalised_seed0.json").read_text())
+    sites = {"demo_clinic_1", "demo_clinic_2", "demo_clinic_3"}
+    assert set(cell["per_site"]) == sites and set(cell["per_site_global"]) == sites
+    assert [entry["round"] for entry in cell["rounds"]] == [1, 2]
+    assert "bal. acc (mean over sites, global model)" in (out / "table.md").read_text()
+    assert "| personalised | 1 |" in (out / "table.md").read_text()

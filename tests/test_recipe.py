@@ -72,6 +72,24 @@ def test_local_steps_exclude_epochs_and_private_training():
         )
 
 
+def test_a_share_of_an_epoch_runs_that_share_of_one_pass_and_whole_epochs_run_whole_passes():
+    assert TrainConfig(local_epochs=0.25, batch_size=32).steps_of_partial_epoch(1000) == 8  # 32 batches a pass
+    assert TrainConfig(local_epochs=0.01, batch_size=32).steps_of_partial_epoch(100) == 1
+    assert TrainConfig(local_epochs=2).steps_of_partial_epoch(1000) is None
+    assert TrainConfig(local_epochs=2).whole_local_epochs() == 2
+    assert TrainConfig(local_epochs=0.5).whole_local_epochs() is None
+
+
+def test_a_share_of_an_epoch_excludes_a_step_cap_and_private_training():
+    with pytest.raises(ValueError, match="share of one pass"):
+        TrainConfig(local_epochs=0.5, max_steps_per_epoch=3)
+    with pytest.raises(ValueError, match="whole number of local epochs"):
+        RunConfig(
+            train={"local_epochs": 0.5, "balance": "none"},
+            privacy={"mode": "local", "target_epsilon": 8.0, "target_delta": 1e-5, "max_grad_norm": 1.0},
+        )
+
+
 class _Normalised(nn.Module):
     """BatchNorm straight on the input: its statistics are the images' own channel moments."""
 

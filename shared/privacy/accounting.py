@@ -40,7 +40,7 @@ def steps_per_round(train_size: int, run: RunConfig) -> int:
     per_epoch = int(round(1.0 / sample_rate_for(train_size, run.train.batch_size)))
     if run.train.max_steps_per_epoch is not None:
         per_epoch = min(per_epoch, run.train.max_steps_per_epoch)
-    return per_epoch * run.train.local_epochs
+    return per_epoch * run.train.whole_local_epochs()
 
 
 def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:

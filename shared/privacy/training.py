@@ -221,11 +221,11 @@ def train_privately(
 
     loss_sum, num_examples, step = 0.0, 0, 0
     total_steps = schedule.steps
-    steps_per_epoch = total_steps // config.local_epochs
+    steps_per_epoch = total_steps // config.whole_local_epochs()
     started = time.perf_counter()
     try:
         with quiet_opacus():
-            for epoch in range(config.local_epochs):
+            for epoch in range(config.whole_local_epochs()):
                 for batch_index, (batch_images, labels) in enumerate(private_loader):
                     if batch_index >= steps_per_epoch:
                         break
