@@ -119,6 +119,8 @@ def create_client_app(site_source: SimulationSites | NodeConfigSite | None = Non
             folder = site_report_folder(source, context, site.name)
             write_end_of_run_report(
                 folder, model, run, test_images, site=site.name, server_round=instructions.server_round,
+                train_images=site.images.select("train"), device=device,
+                seed=site_round_seed(run.seed, instructions.server_round + 1, site.name),
                 extra=feedback_summary(site.feedback),
             )
         reply = RecordDict(

@@ -358,9 +358,57 @@ def site_report_folder(source, context, site: str) -> Path:
 
 
 def write_end_of_run_report(
-    folder: Path, model, run, images: CachedImages, *, site: str, server_round: int, extra: dict | None = None
+    folder: Path,
+    model,
+    run,
+    images: CachedImages,
+    *,
+    site: str,
+    server_round: int,
+    train_images: CachedImages | None = None,
+    device: torch.device | None = None,
+    seed: int = 0,
+    extra: dict | None = None,
 ) -> dict:
-    """The site report of the final global model (in memory) on the site's test images; `extra` adds entries (e.g. feedback counts)."""
+    """The site report of the final global model (in memory) on the site's test images; `extra` adds entries (e.g. feedback counts).
+
+    With `run.report.personalise_epochs` > 0 the site also fine-tunes the global model on
+    `train_images` into its personalised model, saves it as `personalised_model.pt` (for the site's
+    own web app), writes its report under `personalised/`, and puts both models' figures side by
+    side in the global report's `personalised` entry.
+    """
+    global_report = _write_model_report(
+        folder, model, run, images, site=site, description=f"global model after round {server_round}",
+        extra={"round": server_round, **(extra or {})},
+    )
+    if run.report.personalise_epochs <= 0:
+        return global_report
+    from shared.models.classifier import save_classifier
+    from shared.personalisation import personalise
+
+    if train_images is None or device is None:
+        raise ValueError("personalising needs the site's training images and device")
+    tuned = personalise(model, train_images, run, device=device, seed=seed)
+    model_path = save_classifier(
+        Path(folder) / "personalised_model.pt", tuned, model_name=run.model.name, classes=list(run.classes),
+        preprocess=run.preprocess,
+        metadata={"mode": "personalised", "site": site, "round": server_round, "epochs": run.report.personalise_epochs},
+    )
+    description = f"global model after round {server_round}, fine-tuned on {site}'s training split"
+    personal_report = _write_model_report(
+        Path(folder) / "personalised", tuned, run, images, site=site, description=description,
+        extra={"round": server_round, "model_file": str(model_path)},
+    )
+    global_report["personalised"] = {
+        name: {"global": global_report["metrics"][name], "personalised": personal_report["metrics"][name]}
+        for name in ("balanced_accuracy", "accuracy", "macro_auc")
+    } | {"model_file": str(model_path), "epochs": run.report.personalise_epochs}
+    _write_json(Path(folder) / "metrics.json", global_report)
+    return global_report
+
+
+def _write_model_report(folder: Path, model, run, images: CachedImages, *, site: str, description: str, extra: dict) -> dict:
+    """One in-memory model's site report."""
     from shared.models.classifier import SavedClassifier, model_normalisation
 
     mean, std = model_normalisation(model)
@@ -369,5 +417,5 @@ def write_end_of_run_report(
     return write_site_report(
         folder, ensemble, images, site=site, gallery_per_class=run.report.gallery_per_class,
         method=run.report.gradcam_method, batch_size=run.train.batch_size * 2,
-        extra={"models": [f"global model after round {server_round}"], "round": server_round, **(extra or {})},
+        extra={"models": [description], **extra},
     )

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import DEFAULT_MODEL, FederationConfig, ModelConfig, PreprocessConfig, RunConfig, TrainConfig
+from shared.config import DEFAULT_MODEL, FederationConfig, ModelConfig, PreprocessConfig, ReportConfig, RunConfig, TrainConfig
 from shared.errors import SkinFLError
 from simulation.gan_options import add_gan_options, gan_config_from_args, print_gan_outcome
 from simulation.privacy_options import add_privacy_options, print_privacy_outcome, privacy_config_from_args
@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--proximal-mu", type=float, default=federation_defaults.proximal_mu, help="FedProx proximal weight")
     model.add_argument("--server-lr", type=float, default=federation_defaults.server_learning_rate, help="FedAdam server step size")
     model.add_argument("--server-momentum", type=float, default=federation_defaults.server_momentum, help="FedAvgM server momentum")
+    model.add_argument(
+        "--personalise-epochs",
+        type=float,
+        default=ReportConfig().personalise_epochs,
+        help="each site also fine-tunes the final model on its own training split for this many passes and "
+        "reports that personalised model beside the global one (0 = off)",
+    )
     model.add_argument(
         "--select-model",
         choices=["best-validation", "last-round"],
@@ -128,6 +135,7 @@ def run_config_from_args(args: argparse.Namespace, classes: list[str], device_im
             ),
             gan=gan_config_from_args(args),
             privacy=privacy_config_from_args(args),
+            report=ReportConfig(personalise_epochs=args.personalise_epochs),
             seed=args.seed,
         )
     except ValueError as error:

@@ -1,4 +1,4 @@
-"""End to end: a real Flower simulation writes every site's local report and the coordinator's aggregate-only report."""
+"""End to end: a real Flower simulation writes every site's local report (global and personalised model) and the coordinator's aggregate-only report."""
 
 import json
 import subprocess
@@ -16,7 +16,7 @@ def test_simulation_writes_every_site_report_and_an_aggregate_only_coordinator_r
         [
             sys.executable, "-m", "simulation.cli",
             "--demo-images", "90", "--rounds", "1", "--image-size", "64", "--batch-size", "16",
-            "--max-steps-per-epoch", "2", "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
+            "--max-steps-per-epoch", "2", "--personalise-epochs", "0.5", "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
         ],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
@@ -37,6 +37,13 @@ def test_simulation_writes_every_site_report_and_an_aggregate_only_coordinator_r
         gallery = (report / "gallery.html").read_text()
         assert gallery.count("<img") == 2 * metrics["gallery"]["images"] > 0
         assert "http://" not in gallery and "https://" not in gallery  # opens offline
+        # The site's personalised model: saved for its web app, reported beside the global one.
+        assert (report / "personalised_model.pt").stat().st_size > 0
+        personalised = json.loads((report / "personalised" / "metrics.json").read_text())
+        side_by_side = metrics["personalised"]["balanced_accuracy"]
+        assert side_by_side == {
+            "global": metrics["metrics"]["balanced_accuracy"], "personalised": personalised["metrics"]["balanced_accuracy"]
+        }
         site_examples[site] = metrics["num_examples"]
 
     coordinator = run_folder / "report"
