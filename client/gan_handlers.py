@@ -112,7 +112,7 @@ def register_gan_handlers(app: ClientApp, source) -> None:
     @app.train(GAN_TRAIN_ACTION)
     def train_gan(message: Message, context: Context) -> Message:
         config = message.content["config"]
-        run = RunConfig.model_validate_json(str(config[RUN_KEY]))
+        run = RunConfig.from_coordinator(str(config[RUN_KEY]))
         server_round = int(config[ROUND_KEY])
         site = source.load(context, run)
         device = resolve_device(run.train.device)
@@ -152,7 +152,7 @@ def register_gan_handlers(app: ClientApp, source) -> None:
     @app.query(GAN_SYNTHESISE_ACTION)
     def synthesise(message: Message, context: Context) -> Message:
         config = message.content["config"]
-        run = RunConfig.model_validate_json(str(config[RUN_KEY]))
+        run = RunConfig.from_coordinator(str(config[RUN_KEY]))
         site = source.load(context, run)
         generator, discriminator = build_gan(run.gan, len(run.classes))
         load_gan_arrays(generator, discriminator, _arrays_of(message.content["arrays"]))

@@ -37,7 +37,7 @@ class ReceivedRound:
 
 def receive(message: Message, context: Context, source) -> ReceivedRound:
     """Read a classifier message: validated instructions, the site's images, and the global model built and loaded."""
-    instructions = RoundInstructions.model_validate_json(message.content["config"][INSTRUCTIONS_KEY])
+    instructions = RoundInstructions.from_coordinator(message.content["config"][INSTRUCTIONS_KEY])
     run = instructions.run
     site = source.load(context, run)
     device = resolve_device(run.train.device)

@@ -7,17 +7,31 @@ from pathlib import Path
 from typing import Literal
 
 from shared.errors import ConfigError
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 DATA_FORMATS = ("ham10000", "isic2019", "isic2020", "folder", "demo")
 DataFormat = Literal["ham10000", "isic2019", "isic2020", "folder", "demo"]
 DEFAULT_MODEL = "tf_efficientnet_lite0"
 
 
+FROM_COORDINATOR = {"from_coordinator": True}
+"""Validation context of settings a site receives in a message: the files they name (a GAN checkpoint,
+a feature classifier) live on the coordinator's disk, so a site does not look for them on its own."""
+
+
+def _received_from_coordinator(info: ValidationInfo) -> bool:
+    return bool((info.context or {}).get("from_coordinator", False))
+
+
 class StrictModel(BaseModel):
     """Base for settings: unknown keys are an error, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @classmethod
+    def from_coordinator(cls, text: str):
+        """These settings as a site receives them in a message (JSON): files they name are the coordinator's."""
+        return cls.model_validate_json(text, context=FROM_COORDINATOR)
 
 
 class PreprocessConfig(StrictModel):
@@ -234,18 +248,18 @@ class GanConfig(StrictModel):
 
     @field_validator("generator")
     @classmethod
-    def _generator_file_exists(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
+    def _generator_file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or _received_from_coordinator(info):
+            return value
         if not Path(value).expanduser().is_file():
             raise ValueError(f"generator file {value!r} does not exist; give a GAN checkpoint (gan/checkpoints/round_NNN.pt)")
         return str(Path(value).expanduser().resolve())
 
     @field_validator("feature_classifier")
     @classmethod
-    def _feature_classifier_exists(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
+    def _feature_classifier_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or _received_from_coordinator(info):
+            return value
         if not Path(value).expanduser().is_file():
             raise ValueError(f"feature classifier {value!r} does not exist; give a saved classifier (final_model.pt) or leave it unset")
         return str(Path(value).expanduser().resolve())

@@ -63,3 +63,18 @@ def test_round_instructions_carry_fedprox_weight_and_no_server_paths():
     assert instructions.run.train.proximal_mu == 0.05
     assert instructions.run.model.pretrained == "none"
     assert RoundInstructions.model_validate_json(instructions.model_dump_json()) == instructions
+
+
+def test_a_site_accepts_settings_naming_files_on_the_coordinators_disk_and_user_input_still_checks_them(tmp_path):
+    from shared.config import RoundInstructions, RunConfig
+
+    generator = tmp_path / "round_006.pt"
+    generator.write_bytes(b"checkpoint")
+    run = RunConfig(gan={"generator": str(generator), "feature_classifier": str(generator)})
+    message = RoundInstructions.for_round(run, 1).model_dump_json()
+    generator.unlink()  # the site is another machine: the coordinator's files are not there
+    received = RoundInstructions.from_coordinator(message)
+    assert received.run.gan.generator == str(generator.resolve())
+    assert RunConfig.from_coordinator(run.model_dump_json()).gan.feature_classifier == str(generator.resolve())
+    with pytest.raises(ValueError, match="generator file .* does not exist"):
+        RunConfig.model_validate_json(run.model_dump_json())
