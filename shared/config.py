@@ -221,6 +221,11 @@ class GanConfig(StrictModel):
         "local DP-SGD, whose accounting needs every image sampled with the same probability).",
     )
     amp: Literal["auto", "on", "off"] = Field("auto", description="Mixed precision of GAN training (as train.amp).")
+    diff_augment: list[Literal["color", "translation", "cutout"]] = Field(
+        default_factory=lambda: ["color", "translation", "cutout"],
+        description="Differentiable augmentations of every image the discriminator sees, real and generated "
+        "(DiffAugment; keeps it from memorising a few hundred images); empty for none.",
+    )
     grid_every: int = Field(1, ge=1, description="Write a per-class sample grid PNG (and quality figures) every K GAN rounds.")
     augment: bool = Field(False, description="Add selected synthetic images of the site's minority classes to its training split.")
     target: Literal["median", "ratio"] = Field(
@@ -501,6 +506,7 @@ FLOWER_RUN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "gan-generator": ("gan", "generator"),
     "gan-image-size": ("gan", "image_size"),
     "gan-local-steps": ("gan", "local_steps"),
+    "gan-diff-augment": ("gan", "diff_augment"),
     "gan-batch-size": ("gan", "batch_size"),
     "gan-amp": ("gan", "amp"),
     "gan-grid-every": ("gan", "grid_every"),
@@ -541,7 +547,7 @@ def run_config_from_flower(flat: dict) -> RunConfig:
     nested: dict = {}
     for key, value in flat.items():
         path = FLOWER_RUN_CONFIG_KEYS[key]
-        if key in ("classes", "split-fractions") and isinstance(value, str):
+        if key in ("classes", "split-fractions", "gan-diff-augment") and isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if key in ("grad-clip-norm", "max-steps-per-epoch", "local-steps", "early-stopping-patience", *_PRIVACY_NUMBER_KEYS) and value == _UNSET_NUMBER:
             value = None

@@ -23,6 +23,10 @@ def add_gan_options(parser: argparse.ArgumentParser) -> None:
     gan.add_argument("--gan-batch-size", type=int, default=defaults.batch_size)
     gan.add_argument("--gan-lr", type=float, default=defaults.generator_learning_rate, help="Adam rate of G and D")
     gan.add_argument("--gan-amp", choices=["auto", "on", "off"], default=defaults.amp, help="GAN mixed precision")
+    gan.add_argument(
+        "--gan-diff-augment", nargs="*", choices=["color", "translation", "cutout"], default=defaults.diff_augment,
+        help="differentiable augmentations of every image the discriminator sees (none given: no augmentation)",
+    )
     gan.add_argument("--gan-grid-every", type=int, default=defaults.grid_every, help="sample grid and Fréchet distance every K GAN rounds")
     gan.add_argument("--gan-augment", action="store_true", help="add selected synthetic images of minority classes to each site's training split")
     gan.add_argument("--gan-target", choices=["median", "ratio"], default=defaults.target, help="fill classes up to the site's median count, or ratio x its largest")
@@ -45,6 +49,7 @@ def gan_config_from_args(args: argparse.Namespace) -> GanConfig:
         generator_learning_rate=args.gan_lr,
         discriminator_learning_rate=args.gan_lr,
         amp=args.gan_amp,
+        diff_augment=args.gan_diff_augment,
         grid_every=args.gan_grid_every,
         augment=args.gan_augment,
         target=args.gan_target,

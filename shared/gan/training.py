@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch import nn
 from shared.config import GanConfig
 from shared.data.cache import CachedImages
 from shared.errors import ConfigError, DataError
+from shared.gan.diff_augment import diff_augment
 from shared.precision import Precision, resolve_precision
 
 FP32_CPU = Precision(None, False, "cpu")
@@ -92,8 +94,13 @@ def generator_step(
     *,
     precision: Precision = FP32_CPU,
     scaler: torch.amp.GradScaler | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[float, torch.Tensor]:
-    """One hinge-loss update of the generator; returns its loss and the (detached) images it made."""
+    """One hinge-loss update of the generator; returns its loss and the (detached) images it made.
+
+    `augment` (differentiable) transforms the images before the discriminator sees them, as it
+    does the discriminator's own inputs.
+    """
     optimizer.zero_grad(set_to_none=True)
     # The discriminator only passes gradients through; its weights get none (cheaper, and DP-safe).
     discriminator.requires_grad_(False)
@@ -104,7 +111,7 @@ def generator_step(
     try:
         with precision.autocast():
             fake_images = generator(latent, labels)
-            scores = discriminator(fake_images, labels)
+            scores = discriminator(fake_images if augment is None else augment(fake_images.float()), labels)
         loss = hinge_generator_loss(scores.float())
         _optimiser_step(loss, optimizer, scaler)
     finally:
@@ -168,22 +175,30 @@ def adversarial_step(
     device: torch.device,
     precision: Precision,
     scalers: tuple[torch.amp.GradScaler | None, torch.amp.GradScaler | None] = (None, None),
+    diff_augment_policies: Sequence[str] = (),
 ) -> tuple[float, float]:
     """One discriminator step on flipped real images (uint8) and fakes, then one generator step; their losses.
 
     `fake_labels` are the classes of the discriminator's fakes and of the generator step's images.
+    With `diff_augment` policies every image the discriminator sees, real or generated, in both
+    steps, goes through the same kind of differentiable augmentation (`shared.gan.diff_augment`).
     """
     real_images, real_labels = real
+    augment = (lambda images: diff_augment(images, diff_augment_policies, random)) if diff_augment_policies else None
     batch = flip_augment(to_unit_range(real_images), random).to(device)
     d_labels, g_labels = (labels.to(device) for labels in fake_labels)
     latent = torch.randn(len(d_labels), generator.latent_dim, generator=random).to(device)
     with torch.no_grad(), precision.autocast():
-        fakes = generator(latent, d_labels)
+        fakes = generator(latent, d_labels).float()
+    if augment is not None:
+        batch, fakes = augment(batch), augment(fakes)
     d_loss = discriminator_step(
-        discriminator, optimizers[0], (batch, real_labels.to(device)), (fakes.float(), d_labels), precision=precision, scaler=scalers[0]
+        discriminator, optimizers[0], (batch, real_labels.to(device)), (fakes, d_labels), precision=precision, scaler=scalers[0]
     )
     latent = torch.randn(len(g_labels), generator.latent_dim, generator=random).to(device)
-    g_loss, _ = generator_step(generator, discriminator, optimizers[1], latent, g_labels, precision=precision, scaler=scalers[1])
+    g_loss, _ = generator_step(
+        generator, discriminator, optimizers[1], latent, g_labels, precision=precision, scaler=scalers[1], augment=augment
+    )
     return d_loss, g_loss
 
 
@@ -242,7 +257,7 @@ def train_gan_locally(
         rows = torch.multinomial(weights, config.batch_size, replacement=True, generator=random)
         d_loss, g_loss = adversarial_step(
             generator, discriminator, optimizers, (real[rows], labels[rows]), (labels[rows], labels[rows]),
-            random=random, device=device, precision=precision, scalers=scalers,
+            random=random, device=device, precision=precision, scalers=scalers, diff_augment_policies=config.diff_augment,
         )
         check_gan_losses(d_loss, g_loss, step, precision)
         d_total += d_loss

@@ -99,6 +99,7 @@ def train_gan_privately(
                     d_loss, g_loss = adversarial_step(
                         generator, private_discriminator, (private_d_optimizer, g_optimizer), (real_images, real_labels),
                         (fake_labels[0], fake_labels[1]), random=random, device=device, precision=precision,
+                        diff_augment_policies=config.diff_augment,
                     )
                     check_gan_losses(d_loss, g_loss, step, precision)
                     d_total += d_loss
