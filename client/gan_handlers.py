@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from flwr.clientapp import ClientApp
 from client.privacy_round import ledger_id_of
 from shared.config import ModelConfig, RunConfig
 from shared.data.cache import CachedImages
+from shared.site_names import safe_site_name
 from shared.device import resolve_device
 from shared.gan.augmentation import add_synthetic_to_training, load_synthetic, save_synthetic, synthesise_for_site
 from shared.gan.features import classifier_features
@@ -78,7 +78,7 @@ def synthetic_set_path(source, context: Context, site_name: str, run: RunConfig)
     else:
         cache_dir = dict(context.node_config).get("cache-dir")
         root = Path(str(cache_dir)) / "synthetic" if cache_dir else DEFAULT_SYNTHETIC_ROOT
-    safe_site = re.sub(r"[^A-Za-z0-9_.-]+", "_", site_name).strip("_") or "site"
+    safe_site = safe_site_name(site_name)
     return root / safe_site / f"{synthetic_set_tag(run)}.npz"
 
 

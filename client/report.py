@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from shared.ensemble import Ensemble, normalise_pixels  # noqa: E402
 from shared.errors import DataError  # noqa: E402
 from shared.explain.gradcam import overlay_heatmap  # noqa: E402
 from shared.isic_metrics import isic_scores  # noqa: E402
+from shared.site_names import safe_site_name  # noqa: E402
 from shared.metrics import classification_metrics, format_metrics_table, metrics_from_confusion  # noqa: E402
 
 FINAL_REPORT_KEY = "final-report"
@@ -349,7 +349,7 @@ def write_aggregate_report(
 
 def site_report_folder(source, context, site: str) -> Path:
     """Where a site writes its end-of-run report: beside the simulation's site tables, or under the node's `report-dir`."""
-    safe_site = re.sub(r"[^A-Za-z0-9_.-]+", "_", site).strip("_") or "site"
+    safe_site = safe_site_name(site)
     manifest_path = getattr(source, "manifest_path", None)
     if manifest_path is not None:
         return Path(manifest_path).parent / safe_site / "report"

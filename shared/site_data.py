@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 
 from shared.config import PreprocessConfig
@@ -11,6 +10,7 @@ from shared.data.cache import CachedImages, build_image_cache
 from shared.data.records import ImageTable
 from shared.data.splits import split_by_group
 from shared.errors import DataError
+from shared.site_names import safe_site_name
 
 
 def align_classes(table: ImageTable, classes: list[str]) -> ImageTable:
@@ -28,7 +28,7 @@ def align_classes(table: ImageTable, classes: list[str]) -> ImageTable:
 
 def site_cache_dir(cache_root: Path, site: str, preprocess: PreprocessConfig) -> Path:
     """The cache folder of one site at one preprocessing setting (sizes live side by side)."""
-    safe_site = re.sub(r"[^A-Za-z0-9_.-]+", "_", site).strip("_") or "site"
+    safe_site = safe_site_name(site)
     options = preprocess.model_dump_json()
     tag = f"{preprocess.image_size}px-{hashlib.sha256(options.encode()).hexdigest()[:8]}"
     return Path(cache_root) / safe_site / tag
