@@ -58,6 +58,9 @@ def _settings(args: argparse.Namespace):
 
 def serve(args: argparse.Namespace) -> int:
     """Start uvicorn with the web app."""
+    from shared.extras import require_extra
+
+    require_extra("web", "skin-fl-web serve")
     import uvicorn
 
     from client.web.app import create_app

@@ -179,10 +179,9 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    import importlib.util
+    from shared.extras import require_extra
 
-    if importlib.util.find_spec("ray") is None:
-        raise SkinFLError("the simulation engine needs Ray: pip install 'skin-fl[simulation]' (or pip install -e '.[simulation]')")
+    require_extra("simulation", "the simulation engine (Ray)")
     if args.resume is not None:
         from simulation.resume_run import resume_simulation_command
 
