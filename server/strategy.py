@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 
@@ -14,6 +15,7 @@ from server.batch_norm_recalibration import recalibrate_batch_norm
 from server.checkpoint import CheckpointWriter, array_record_to_numpy
 from server.history import MetricHistory
 from server.model_selection import rounds_since_best_validation
+from server.round_summary import round_summary_line
 from server.run_stop import RunStopped
 from server.central_privacy import with_central_privacy
 from server.privacy_budget import PrivacyBudget
@@ -22,6 +24,7 @@ from shared.config import RoundInstructions, RunConfig
 from shared.protocol import INSTRUCTIONS_KEY
 
 SITE_RECORD_KEY = "site"
+logger = logging.getLogger(__name__)
 
 
 def site_name_of(message: Message) -> str:
@@ -159,6 +162,7 @@ class RecordingMixin:
             time.monotonic() - self._phase_started,
             missing=self._missing_sites(replies),
         )
+        logger.info(round_summary_line(self.history.rounds[server_round], self.run.federation.rounds))
         return metrics
 
 

@@ -84,7 +84,6 @@ def bench_run_config(args: argparse.Namespace, classes: list[str], seed: int) ->
                 device=args.device,
                 num_workers=args.workers,
                 max_steps_per_epoch=args.max_steps_per_epoch,
-                progress=False,
             ),
             federation=FederationConfig(
                 rounds=args.rounds,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.config import DEFAULT_MODEL, FederationConfig, ModelConfig, PreprocessConfig, RunConfig, TrainConfig
+from shared.console import configure_console
 from shared.errors import SkinFLError
 from simulation.gan_options import add_gan_options, gan_config_from_args, print_gan_outcome
 from simulation.privacy_options import add_privacy_options, print_privacy_outcome, privacy_config_from_args
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders are written (default ./runs)")
     output.add_argument("--name", default="sim", help="suffix of the run folder name")
     output.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help=f"image and demo cache (default {DEFAULT_CACHE_DIR})")
+    output.add_argument("-v", "--verbose", action="store_true", help="also show Flower's and Ray's own log (quiet by default)")
     output.add_argument("--threads-per-site", type=int, help="CPU threads of each simulated site (default: cores / sites, at least 1)")
     output.add_argument(
         "--resume",
@@ -182,11 +184,13 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
     from shared.extras import require_extra
 
     require_extra("simulation", "the simulation engine (Ray)")
+    from flwr.simulation import run_simulation
+
+    configure_console(args.verbose)
     if args.resume is not None:
         from simulation.resume_run import resume_simulation_command
 
         return resume_simulation_command(args)
-    from flwr.simulation import run_simulation
 
     from client.app import create_client_app
     from client.site_source import SimulationSites
