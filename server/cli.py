@@ -25,6 +25,7 @@ from server.nginx_proxy import ProxySettings, render_config
 from server.run_config_file import RESUME_KEY, app_directory, read_run_config_file, write_run_config_file
 from shared.console import VERBOSE_ENV
 from shared.errors import ConfigError, SkinFLError
+from shared.version import add_version_option
 
 STATE_DIR_ENV = "SKIN_FL_SERVER_STATE"
 DEFAULT_STATE_DIR = Path.home() / ".local" / "state" / "skin-fl-server"
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the skin-fl federation server for the coordinator: the Flower SuperLink on loopback "
         "behind an nginx TLS proxy that lets sites reach only the Fleet API; submit runs and follow them.",
     )
+    add_version_option(parser)
     parser.add_argument(
         "--state-dir",
         type=Path,

@@ -478,6 +478,19 @@ _WHOLE_NETWORK = -1
 _PRIVACY_NUMBER_KEYS = ("privacy-target-epsilon", "privacy-target-delta", "privacy-noise-multiplier", "privacy-max-grad-norm")
 
 
+def flower_value_to_setting(key: str, value):
+    """A run-config value as `RunConfig` holds it: lists from comma-separated text, None for the 'unset' 0, -1 and ''."""
+    if key in ("classes", "split-fractions") and isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if key in ("grad-clip-norm", "max-steps-per-epoch", "local-steps", "early-stopping-patience", *_PRIVACY_NUMBER_KEYS) and value == _UNSET_NUMBER:
+        return None
+    if key in ("gan-generator", "gan-feature-classifier") and value == "":
+        return None
+    if key == "privacy-trainable-stages" and value == _WHOLE_NETWORK:
+        return None
+    return value
+
+
 def run_config_from_flower(flat: dict) -> RunConfig:
     """Build a validated `RunConfig` from Flower's flat kebab-case run config."""
     unknown = sorted(set(flat) - set(FLOWER_RUN_CONFIG_KEYS))
@@ -488,18 +501,10 @@ def run_config_from_flower(flat: dict) -> RunConfig:
     nested: dict = {}
     for key, value in flat.items():
         path = FLOWER_RUN_CONFIG_KEYS[key]
-        if key in ("classes", "split-fractions") and isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if key in ("grad-clip-norm", "max-steps-per-epoch", "local-steps", "early-stopping-patience", *_PRIVACY_NUMBER_KEYS) and value == _UNSET_NUMBER:
-            value = None
-        if key in ("gan-generator", "gan-feature-classifier") and value == "":
-            value = None
-        if key == "privacy-trainable-stages" and value == _WHOLE_NETWORK:
-            value = None
         target = nested
         for part in path[:-1]:
             target = target.setdefault(part, {})
-        target[path[-1]] = value
+        target[path[-1]] = flower_value_to_setting(key, value)
     try:
         return RunConfig.model_validate(nested)
     except ValueError as error:

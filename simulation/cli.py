@@ -15,6 +15,7 @@ from shared.console import configure_console
 from shared.errors import SkinFLError
 from simulation.gan_options import add_gan_options, gan_config_from_args, print_gan_outcome
 from simulation.privacy_options import add_privacy_options, print_privacy_outcome, privacy_config_from_args
+from shared.version import add_version_option
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("SKIN_FL_CACHE_DIR", Path.home() / ".cache" / "skin-fl"))
 logger = logging.getLogger("skin_fl.sim")
@@ -27,6 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="skin-fl-sim",
         description="Simulate N hospital sites from one dataset and train the lesion classifier with "
         "federated averaging (Flower simulation engine). With no --data it runs on the built-in demo dataset.",
+    )
+    add_version_option(parser)
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="RUN.toml",
+        help="run settings with a deployment's run-config keys (flat kebab-case, as deploy/run-config.example.toml); "
+        "flags given on the command line override them",
     )
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, help="dataset folder (HAM10000, ISIC 2019, ISIC 2020 or folder-per-class)")
@@ -95,10 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with a --config file's values as the defaults of their flags."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        from simulation.config_file import apply_config_file
+
+        try:
+            file_settings = apply_config_file(parser, args.config)
+        except SkinFLError as error:
+            parser.error(str(error))
+        args = parser.parse_args(argv)
+        args.file_settings = file_settings
+    return args
+
+
 def run_config_from_args(args: argparse.Namespace, classes: list[str], device_image_size: int) -> RunConfig:
-    """The validated run settings the command line describes."""
+    """The validated run settings the command line (and its --config file) describe."""
     try:
-        return RunConfig(
+        run = RunConfig(
             classes=classes,
             model=ModelConfig(name=args.model, pretrained=args.pretrained),
             preprocess=PreprocessConfig(
@@ -134,6 +159,11 @@ def run_config_from_args(args: argparse.Namespace, classes: list[str], device_im
         )
     except ValueError as error:
         raise SkinFLError(f"invalid option: {error}") from error
+    if getattr(args, "file_settings", None):
+        from simulation.config_file import with_file_settings
+
+        run = with_file_settings(run, dict(args.file_settings), args.config)
+    return run
 
 
 def load_table(args: argparse.Namespace):
@@ -270,7 +300,7 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of skin-fl-sim."""
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     try:
         run_simulation_command(args)
     except SkinFLError as error:
