@@ -332,6 +332,12 @@ class ReportConfig(StrictModel):
     gradcam_method: Literal["gradcam", "gradcam++"] = Field("gradcam", description="Saliency method of the gallery.")
 
 
+class TrackingConfig(StrictModel):
+    """Where the server also writes the per-round metrics for a dashboard."""
+
+    tensorboard: bool = Field(False, description="TensorBoard event files in the run folder's tensorboard/ (the [tracking] extra).")
+
+
 class RunConfig(StrictModel):
     """Everything that defines one federated (or pooled) training run."""
 
@@ -347,6 +353,7 @@ class RunConfig(StrictModel):
     gan: GanConfig = Field(default_factory=GanConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     split_fractions: tuple[float, float, float] = Field(
         (0.7, 0.15, 0.15), description="Train/val/test fractions of every site, split by lesion or patient."
     )
@@ -468,6 +475,7 @@ FLOWER_RUN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "site-reports": ("report", "site_reports"),
     "report-gallery-size": ("report", "gallery_per_class"),
     "report-gradcam-method": ("report", "gradcam_method"),
+    "tensorboard": ("tracking", "tensorboard"),
 }
 """Flat kebab-case keys of `[tool.flwr.app.config]` and where each lands in `RunConfig`."""
 

@@ -11,6 +11,7 @@ EXTRA_MODULES = {
     "web": ("fastapi", "starlette", "uvicorn", "multipart"),
     "onnx": ("onnx", "onnxruntime"),
     "simulation": ("ray",),
+    "tracking": ("tensorboardX",),
 }
 
 

@@ -10,7 +10,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import DEFAULT_MODEL, FederationConfig, ModelConfig, PreprocessConfig, RunConfig, TrainConfig
+from shared.config import (
+    DEFAULT_MODEL,
+    FederationConfig,
+    ModelConfig,
+    PreprocessConfig,
+    RunConfig,
+    TrackingConfig,
+    TrainConfig,
+)
 from shared.console import configure_console
 from shared.errors import SkinFLError
 from simulation.gan_options import add_gan_options, gan_config_from_args, print_gan_outcome
@@ -93,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders are written (default ./runs)")
     output.add_argument("--name", default="sim", help="suffix of the run folder name")
     output.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help=f"image and demo cache (default {DEFAULT_CACHE_DIR})")
+    output.add_argument(
+        "--tensorboard", action="store_true", help="also write per-round metrics as TensorBoard event files in RUN_FOLDER/tensorboard"
+    )
     output.add_argument("-v", "--verbose", action="store_true", help="also show Flower's and Ray's own log (quiet by default)")
     output.add_argument("--threads-per-site", type=int, help="CPU threads of each simulated site (default: cores / sites, at least 1)")
     output.add_argument(
@@ -155,6 +166,7 @@ def run_config_from_args(args: argparse.Namespace, classes: list[str], device_im
             ),
             gan=gan_config_from_args(args),
             privacy=privacy_config_from_args(args),
+            tracking=TrackingConfig(tensorboard=args.tensorboard),
             seed=args.seed,
         )
     except ValueError as error:
@@ -234,6 +246,8 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
     device = resolve_device(args.device)
     table = load_table(args)
     run = run_config_from_args(args, table.classes, default_image_size(device))
+    if run.tracking.tensorboard:
+        require_extra("tracking", "--tensorboard")
     names_sites = args.partition_column in table.frame and (table.frame[args.partition_column] != "").all()
     partition = args.partition or ("natural" if names_sites else "dirichlet")
     if partition == "dirichlet" and args.num_sites is None:

@@ -56,6 +56,7 @@ KEY_TO_OPTION = {
     "privacy-poisson-sampling": "no_poisson_sampling",
     "privacy-grad-sample-mode": "grad_sample_mode",
     "privacy-trainable-stages": "trainable_stages",
+    "tensorboard": "tensorboard",
 }
 INVERTED_FLAGS = {"privacy-poisson-sampling"}
 """Keys whose flag says the opposite (--no-poisson-sampling)."""

@@ -1,6 +1,7 @@
 """What commands print: one line per round, progress lines in logs, Flower quiet and colourless off a terminal."""
 
 import io
+import json
 import logging
 import os
 import re
@@ -12,6 +13,7 @@ import pytest
 from server.round_summary import round_summary_line
 from shared.console import PROJECT_LOGGERS, configure_console
 from shared.progress import LogProgress, progress
+from tensorboard_events import read_scalars
 
 ROUND_LINE = re.compile(
     r"^round (\d+)/(\d+): \d+/\d+ sites( \(\d+/\d+ evaluated\))?, train loss [\d.]+, test loss [\d.]+, "
@@ -90,14 +92,14 @@ def test_flower_is_quiet_and_colourless_off_a_terminal_and_verbose_drops_only_un
 
 
 @pytest.mark.slow
-def test_skin_fl_sim_prints_only_its_own_lines_one_per_round(tmp_path):
+def test_skin_fl_sim_prints_only_its_own_lines_one_per_round_and_writes_tensorboard_events(tmp_path):
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     environment.pop("SKIN_FL_VERBOSE", None)
     environment.pop("FLWR_LOG_LEVEL", None)
     result = subprocess.run(
         [
             sys.executable, "-m", "simulation.cli", "--demo-images", "90", "--rounds", "2", "--image-size", "32",
-            "--batch-size", "16", "--max-steps-per-epoch", "2",
+            "--batch-size", "16", "--max-steps-per-epoch", "2", "--tensorboard",
             "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
         ],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=environment,
@@ -112,6 +114,12 @@ def test_skin_fl_sim_prints_only_its_own_lines_one_per_round(tmp_path):
     rounds = [ROUND_LINE.match(line) for line in lines if line.startswith("round ")]
     assert [(match.group(1), match.group(2)) for match in rounds] == [("1", "2"), ("2", "2")], output
     assert "overall" in result.stdout and "skin-fl hands on round" in result.stdout
+
+    (run_folder,) = (tmp_path / "runs").iterdir()
+    history = json.loads((run_folder / "history.json").read_text())["rounds"]
+    scalars = read_scalars(run_folder / "tensorboard")
+    assert scalars["test/balanced_accuracy"] == pytest.approx({entry["round"]: entry["evaluate"]["balanced-accuracy"] for entry in history})
+    assert scalars["sites/trained"] == {1: 3.0, 2: 3.0}
 
 
 def test_the_coordinator_follows_run_folders_and_reports_each_new_round_once(tmp_path):
