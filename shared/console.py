@@ -24,6 +24,20 @@ class _ProjectFormatter(logging.Formatter):
         return message if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {message}"
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a line is logged (a test's capture, a redirected stream)."""
+
+    skin_fl_console = True
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 class _DropUnactionable(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
@@ -41,16 +55,14 @@ def verbose_requested() -> bool:
     return os.environ.get(VERBOSE_ENV) == "1"
 
 
-def show_project_logs(stream=None) -> None:
-    """Print the project's INFO lines (round summaries, selection, calibration) as plain lines; idempotent."""
-    stream = stream or sys.stdout
+def show_project_logs() -> None:
+    """Print the project's INFO lines (round summaries, selection, calibration) on stdout as plain lines; idempotent."""
     for name in PROJECT_LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(logging.INFO)
         if not any(getattr(handler, "skin_fl_console", False) for handler in logger.handlers):
-            handler = logging.StreamHandler(stream)
+            handler = _StdoutHandler()
             handler.setFormatter(_ProjectFormatter("%(message)s"))
-            handler.skin_fl_console = True
             logger.addHandler(handler)
 
 
