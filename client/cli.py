@@ -25,6 +25,7 @@ from client.site_config import (
 )
 from client.supernode_output import ConnectionContext, Diagnosis, OutputWatcher
 from shared.errors import ConfigError, SkinFLError
+from shared.version import add_version_option
 
 NODE_CONFIG_FILE = "node-config.toml"
 SUPERNODE_LOG = "supernode.log"
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "key and server address, then run the Flower SuperNode, reconnecting when the connection drops. "
         "Settings come from a site config file (--config) and/or the options below (options win).",
     )
+    add_version_option(parser)
     parser.add_argument("--config", type=Path, metavar="SITE.toml", help="site config file (see deploy/sites/example-site.toml)")
     parser.add_argument("--site", help="the site's name as the coordinator registered it (quote names with spaces)")
     parser.add_argument("--superlink", metavar="HOST:PORT", help="the federation server's public address")

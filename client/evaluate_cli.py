@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from shared.errors import DataError, SkinFLError
+from shared.version import add_version_option
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("SKIN_FL_CACHE_DIR", Path.home() / ".cache" / "skin-fl"))
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="skin-fl-eval",
         description="Score a saved skin-fl model (e.g. a run's final_model.pt) on a dataset folder; every image is test data.",
     )
+    add_version_option(parser)
     parser.add_argument(
         "model", type=Path, nargs="+",
         help="saved model file(s) (final_model.pt, round checkpoints) or run folders; several are averaged as an ensemble",

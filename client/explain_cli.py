@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.errors import DataError, ModelError, SkinFLError
+from shared.version import add_version_option
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 DISPLAY_SIZE = 384
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict lesion classes for images and write a Grad-CAM overlay PNG per image, "
         "with a saved skin-fl model, an ensemble of several, or an ONNX export.",
     )
+    add_version_option(parser)
     parser.add_argument("images", type=Path, nargs="+", help="image files and/or folders of images (.jpg, .png, ...)")
     source = parser.add_argument_group("model")
     source.add_argument("--model", type=Path, action="append", default=[],

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from shared.errors import SkinFLError
+from shared.version import add_version_option
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample synthetic lesion images of one class from a saved skin-fl GAN checkpoint "
         "(a run's gan/checkpoints/round_NNN.pt). Writes a grid PNG or a folder of PNG files.",
     )
+    add_version_option(parser)
     parser.add_argument("checkpoint", type=Path, help="GAN checkpoint file")
     parser.add_argument("--class", dest="class_name", required=True, help="class to sample, e.g. df, vasc, akiec")
     parser.add_argument("--count", type=int, default=16, help="number of images (default 16)")

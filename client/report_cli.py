@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from shared.errors import SkinFLError
+from shared.version import add_version_option
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("SKIN_FL_CACHE_DIR", Path.home() / ".cache" / "skin-fl"))
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a local evaluation report folder: metrics.json (incl. ISIC challenge metrics), per-class "
         "table, confusion matrix and ROC curve PNGs, and an offline Grad-CAM gallery. Every image of the folder is test data.",
     )
+    add_version_option(parser)
     parser.add_argument("model", type=Path, nargs="+",
                         help="saved model file(s) or run folders; several are averaged as an ensemble")
     parser.add_argument("--last", type=int, help="with a run folder: average its last K round checkpoints")

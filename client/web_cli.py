@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from shared.errors import SkinFLError
+from shared.version import add_version_option
 
 
 def _settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The clinician web app of a site: classify lesion images with the site's federated model, "
         "see Grad-CAM explanations, confirm or correct labels. Everything stays on this machine.",
     )
+    add_version_option(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="start the web app")
     _settings_arguments(serve)
@@ -58,6 +60,9 @@ def _settings(args: argparse.Namespace):
 
 def serve(args: argparse.Namespace) -> int:
     """Start uvicorn with the web app."""
+    from shared.extras import require_extra
+
+    require_extra("web", "skin-fl-web serve")
     import uvicorn
 
     from client.web.app import create_app

@@ -24,6 +24,7 @@ from server.resume import find_resume_point, gan_phase_needed, note_resume, rest
 from server.run_config_file import RESUME_KEY
 from server.strategy import build_strategy
 from shared.config import RunConfig, run_config_from_flower
+from shared.console import configure_console
 from shared.local_training import seed_everything
 from shared.models.classifier import build_classifier
 from shared.privacy.model_preparation import prepare_for_private_training
@@ -133,9 +134,12 @@ def create_server_app(
         flat = dict(context.run_config)
         resume = resume_folder or (Path(str(flat.pop(RESUME_KEY))) if flat.get(RESUME_KEY) else None)
         flat.pop(RESUME_KEY, None)
+        if run is None:  # a deployment (or flwr run): this process is the ServerApp's own
+            configure_console()
         settings = run if run is not None else run_config_from_flower(flat)
         folder = resume or run_folder or new_run_folder(Path(os.environ.get(RUNS_DIR_ENV, "runs")), name=f"run-{context.run_id}")
-        logger.info("skin-fl run folder: %s", folder)
+        if run_folder is None:
+            logger.info("skin-fl run folder: %s", folder)
         run_federation(grid, settings, folder, num_sites=num_sites, resume_folder=resume)
 
     return app

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.errors import ConfigError, SkinFLError
+from shared.version import add_version_option
 
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Create the TLS certificate authority, the coordinator's server certificate and one "
         "SuperNode authentication key pair per hospital site, and list which file goes to which machine.",
     )
+    add_version_option(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     init = commands.add_parser("init", help="create a new credentials folder")
     init.add_argument("--out", type=Path, required=True, help="folder to write the credentials to")

@@ -23,7 +23,9 @@ from server.deployment import (
 )
 from server.nginx_proxy import ProxySettings, render_config
 from server.run_config_file import RESUME_KEY, app_directory, read_run_config_file, write_run_config_file
+from shared.console import VERBOSE_ENV
 from shared.errors import ConfigError, SkinFLError
+from shared.version import add_version_option
 
 STATE_DIR_ENV = "SKIN_FL_SERVER_STATE"
 DEFAULT_STATE_DIR = Path.home() / ".local" / "state" / "skin-fl-server"
@@ -45,11 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the skin-fl federation server for the coordinator: the Flower SuperLink on loopback "
         "behind an nginx TLS proxy that lets sites reach only the Fleet API; submit runs and follow them.",
     )
+    add_version_option(parser)
     parser.add_argument(
         "--state-dir",
         type=Path,
         default=Path(os.environ.get(STATE_DIR_ENV, DEFAULT_STATE_DIR)),
         help=f"server state: SuperLink database, run folders, logs (default ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="the ServerApp also logs Flower's own lines (quiet by default)"
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -94,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of skin-fl-server."""
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the SuperLink's processes, the ServerApp among them, inherit it
     layout = StateLayout(args.state_dir.expanduser().resolve())
     try:
         if args.command == "start":

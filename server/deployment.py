@@ -20,6 +20,7 @@ from cryptography import x509
 
 from server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, SITES_DIR, registered_sites
 from server.nginx_proxy import ProxySettings, find_nginx, nginx_command, write_config
+from server.round_summary import RoundFollower
 from shared.errors import ConfigError, SkinFLError
 
 LOOPBACK = "127.0.0.1"
@@ -379,10 +380,13 @@ class Coordinator:
         self.layout.state_file.write_text(json.dumps(asdict(state), indent=2) + "\n", encoding="utf-8")
 
     def serve(self) -> int:
-        """Wait until SIGINT/SIGTERM or until a child dies; then stop everything. Returns the exit code."""
+        """Wait until SIGINT/SIGTERM or until a child dies, printing a line per finished round; then stop everything."""
         previous = {number: signal.signal(number, self._request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
+        rounds = RoundFollower(self.layout.runs_dir)
         try:
             while not self._stop_requested:
+                for line in rounds.new_lines():
+                    self.say(line)
                 for name, process, log in (
                     ("the SuperLink", self.superlink, self.layout.logs_dir / "superlink.log"),
                     ("nginx", self.proxy, self.layout.logs_dir / "nginx.log"),

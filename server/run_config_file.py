@@ -32,8 +32,8 @@ def app_default_config(app_dir: Path) -> dict:
     return dict(config["tool"]["flwr"]["app"].get("config", {}))
 
 
-def read_run_config_file(path: Path, app_dir: Path) -> tuple[dict, RunConfig]:
-    """The file's overrides and the validated RunConfig they give with the app defaults."""
+def read_run_config_values(path: Path) -> dict:
+    """The flat kebab-case settings of a run-config file, each key checked against the known run-config keys."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"run-config file {path} does not exist; start from deploy/run-config.example.toml.")
@@ -48,12 +48,19 @@ def read_run_config_file(path: Path, app_dir: Path) -> tuple[dict, RunConfig]:
             "e.g. num-server-rounds = 10 (see deploy/run-config.example.toml)."
         )
     if RESUME_KEY in overrides:
-        raise ConfigError(f"{path} sets {RESUME_KEY}; resume with 'skin-fl-server submit FILE --resume RUN_FOLDER' instead.")
+        raise ConfigError(f"{path} sets {RESUME_KEY}; resume with 'skin-fl-server submit FILE --resume RUN_FOLDER' (or skin-fl-sim --resume RUN_FOLDER) instead.")
     unknown = sorted(set(overrides) - set(FLOWER_RUN_CONFIG_KEYS))
     if unknown:
         raise ConfigError(
             f"{path}: unknown run-config key(s) {unknown}; known keys are {sorted(FLOWER_RUN_CONFIG_KEYS)}."
         )
+    return overrides
+
+
+def read_run_config_file(path: Path, app_dir: Path) -> tuple[dict, RunConfig]:
+    """The file's overrides and the validated RunConfig they give with the app defaults."""
+    path = Path(path).expanduser()
+    overrides = read_run_config_values(path)
     defaults = app_default_config(app_dir)
     defaults.pop(RESUME_KEY, None)  # not a run setting: the ServerApp takes it out before reading the rest
     not_in_app = sorted(set(overrides) - set(defaults))

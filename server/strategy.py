@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 
@@ -14,7 +15,9 @@ from server.batch_norm_recalibration import recalibrate_batch_norm
 from server.checkpoint import CheckpointWriter, array_record_to_numpy
 from server.history import MetricHistory
 from server.model_selection import rounds_since_best_validation
+from server.round_summary import round_summary_line
 from server.run_stop import RunStopped
+from server.tensorboard_log import TensorBoardLog
 from server.central_privacy import with_central_privacy
 from server.privacy_budget import PrivacyBudget
 from shared.aggregation import ServerOptimiser
@@ -22,6 +25,7 @@ from shared.config import RoundInstructions, RunConfig
 from shared.protocol import INSTRUCTIONS_KEY
 
 SITE_RECORD_KEY = "site"
+logger = logging.getLogger(__name__)
 
 
 def site_name_of(message: Message) -> str:
@@ -54,6 +58,8 @@ class RecordingMixin:
     """Epsilon per site and the budget stop of a run with local DP (None without it)."""
     early_stop: dict | None = None
     """Where early stopping ended the run (None: it did not)."""
+    tensorboard: TensorBoardLog | None = None
+    """Per-round TensorBoard event files (None unless the run asks for them)."""
 
     def setup_recording(self, run: RunConfig, history: MetricHistory, checkpoints: CheckpointWriter) -> None:
         """Attach the run settings and the run-folder writers."""
@@ -159,6 +165,9 @@ class RecordingMixin:
             time.monotonic() - self._phase_started,
             missing=self._missing_sites(replies),
         )
+        logger.info(round_summary_line(self.history.rounds[server_round], self.run.federation.rounds))
+        if self.tensorboard is not None:
+            self.tensorboard.write_round(self.history.rounds[server_round])
         return metrics
 
 
@@ -217,6 +226,8 @@ def build_strategy(
         strategy = RecordingFedAvg(**common)
     strategy.setup_recording(run, history, checkpoints)
     strategy.round_offset = round_offset
+    if run.tracking.tensorboard:
+        strategy.tensorboard = TensorBoardLog(history.run_folder)
     if run.privacy.mode != "off":
         strategy.privacy_budget = PrivacyBudget(run, history.run_folder)
         strategy = with_central_privacy(strategy, run, num_sites)

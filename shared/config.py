@@ -383,6 +383,12 @@ class ReportConfig(StrictModel):
     )
 
 
+class TrackingConfig(StrictModel):
+    """Where the server also writes the per-round metrics for a dashboard."""
+
+    tensorboard: bool = Field(False, description="TensorBoard event files in the run folder's tensorboard/ (the [tracking] extra).")
+
+
 class RunConfig(StrictModel):
     """Everything that defines one federated (or pooled) training run."""
 
@@ -398,6 +404,7 @@ class RunConfig(StrictModel):
     gan: GanConfig = Field(default_factory=GanConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     split_fractions: tuple[float, float, float] = Field(
         (0.7, 0.15, 0.15), description="Train/val/test fractions of every site, split by lesion or patient."
     )
@@ -527,6 +534,7 @@ FLOWER_RUN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "report-gradcam-method": ("report", "gradcam_method"),
     "personalise-epochs": ("report", "personalise_epochs"),
     "personalise-learning-rate": ("report", "personalise_learning_rate"),
+    "tensorboard": ("tracking", "tensorboard"),
 }
 """Flat kebab-case keys of `[tool.flwr.app.config]` and where each lands in `RunConfig`."""
 
@@ -535,6 +543,19 @@ _UNSET_NUMBER = 0
 _WHOLE_NETWORK = -1
 """`privacy-trainable-stages` value for training every layer (None in `PrivacyConfig`)."""
 _PRIVACY_NUMBER_KEYS = ("privacy-target-epsilon", "privacy-target-delta", "privacy-noise-multiplier", "privacy-max-grad-norm")
+
+
+def flower_value_to_setting(key: str, value):
+    """A run-config value as `RunConfig` holds it: lists from comma-separated text, None for the 'unset' 0, -1 and ''."""
+    if key in ("classes", "split-fractions", "gan-diff-augment") and isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if key in ("grad-clip-norm", "max-steps-per-epoch", "local-steps", "early-stopping-patience", *_PRIVACY_NUMBER_KEYS) and value == _UNSET_NUMBER:
+        return None
+    if key in ("gan-generator", "gan-feature-classifier") and value == "":
+        return None
+    if key == "privacy-trainable-stages" and value == _WHOLE_NETWORK:
+        return None
+    return value
 
 
 def run_config_from_flower(flat: dict) -> RunConfig:
@@ -547,18 +568,10 @@ def run_config_from_flower(flat: dict) -> RunConfig:
     nested: dict = {}
     for key, value in flat.items():
         path = FLOWER_RUN_CONFIG_KEYS[key]
-        if key in ("classes", "split-fractions", "gan-diff-augment") and isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if key in ("grad-clip-norm", "max-steps-per-epoch", "local-steps", "early-stopping-patience", *_PRIVACY_NUMBER_KEYS) and value == _UNSET_NUMBER:
-            value = None
-        if key in ("gan-generator", "gan-feature-classifier") and value == "":
-            value = None
-        if key == "privacy-trainable-stages" and value == _WHOLE_NETWORK:
-            value = None
         target = nested
         for part in path[:-1]:
             target = target.setdefault(part, {})
-        target[path[-1]] = value
+        target[path[-1]] = flower_value_to_setting(key, value)
     try:
         return RunConfig.model_validate(nested)
     except ValueError as error:

@@ -79,6 +79,9 @@ def linear_head(model: nn.Module, layer_name: str, image_size: int) -> nn.Linear
 
 def export_onnx(model: nn.Module, saved: SavedClassifier, path: Path, *, with_cams: bool = True) -> Path:
     """Write the classifier as an ONNX file (batch size dynamic, image size fixed) with its description in the metadata."""
+    from shared.extras import require_extra
+
+    require_extra("onnx", "ONNX export")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
@@ -133,6 +136,9 @@ class OnnxClassifier:
     @classmethod
     def load(cls, path: Path, threads: int | None = None) -> OnnxClassifier:
         """Open an ONNX file written by `export_onnx` (ONNX Runtime, CPU, `threads` intra-op threads)."""
+        from shared.extras import require_extra
+
+        require_extra("onnx", "running an ONNX model")
         import onnxruntime
 
         from shared.config import PreprocessConfig

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from shared.config import TrainConfig
 from shared.errors import ConfigError, DataError, ModelError
 from shared.metrics import classification_metrics
 from shared.precision import Precision
+from shared.progress import progress
 
 
 @dataclass
@@ -170,7 +170,7 @@ def train_epochs(
 
     loss_sum, num_examples, step = 0.0, 0, 0
     started = time.perf_counter()
-    with tqdm(total=total_steps, desc=description, disable=None if config.progress else True, leave=False) as bar:
+    with progress(total_steps, description, enabled=config.progress) as bar:
         for epoch in range(epochs):
             for batch_index, (images, labels) in enumerate(loader):
                 if batch_index >= steps_per_epoch:

@@ -12,6 +12,7 @@ from shared.config import DEFAULT_MODEL, FederationConfig, ModelConfig, Preproce
 from shared.errors import SkinFLError
 from simulation.arms import ARMS
 from simulation.bench_table import write_table
+from shared.version import add_version_option
 
 DEFAULT_ARMS = ("local", "pooled", "fedavg", "fedprox", "fedadam", "fedavgm")
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the same lesion-disjoint splits. Finished arm x seed cells are kept in --out, so an interrupted table "
         "is completed by running the same command again.",
     )
+    add_version_option(parser)
     parser.add_argument("--out", type=Path, required=True, help="results folder (cells/, table.csv, table.md, table.png)")
     parser.add_argument("--data", type=Path, help="dataset folder (default: the built-in demo dataset)")
     parser.add_argument("--format", choices=["ham10000", "isic2019", "isic2020", "folder"], help="dataset format (detected when omitted)")
@@ -88,7 +90,6 @@ def bench_run_config(args: argparse.Namespace, classes: list[str], seed: int) ->
                 device=args.device,
                 num_workers=args.workers,
                 max_steps_per_epoch=args.max_steps_per_epoch,
-                progress=False,
             ),
             federation=FederationConfig(
                 rounds=args.rounds,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from shared.local_training import evaluate_on_images, precision_for, seed_everyt
 from shared.metrics import metrics_from_confusion
 from shared.models.classifier import build_classifier, save_classifier
 from shared.training import cosine_learning_rate
+
+logger = logging.getLogger(__name__)
 
 
 def summarise_site_evaluations(per_site: dict[str, dict]) -> dict:
@@ -58,6 +61,7 @@ def train_centralised(run: RunConfig, site_images: dict[str, CachedImages], run_
     history = []
     started = time.monotonic()
     for chunk in range(1, rounds + 1):
+        chunk_started = time.monotonic()
         result = train_on_images(
             model,
             pooled_train,
@@ -80,6 +84,12 @@ def train_centralised(run: RunConfig, site_images: dict[str, CachedImages], run_
                 "evaluate": summarise_site_evaluations(per_site),
                 "sites": per_site,
             }
+        )
+        overall = history[-1]["evaluate"]
+        auc = "-" if overall["macro_auc"] is None else f"{overall['macro_auc']:.3f}"
+        logger.info(
+            "pooled %d/%d: train loss %.3f, bal. acc %.3f, AUC %s, %.0f s",
+            chunk, rounds, result.loss, overall["balanced_accuracy"], auc, time.monotonic() - chunk_started,
         )
         write_json_atomically(folder / "history.json", {"rounds": history})
     wall_seconds = time.monotonic() - started

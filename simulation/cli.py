@@ -10,10 +10,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import DEFAULT_MODEL, FederationConfig, ModelConfig, PreprocessConfig, ReportConfig, RunConfig, TrainConfig
+from shared.config import (
+    DEFAULT_MODEL,
+    FederationConfig,
+    ModelConfig,
+    PreprocessConfig,
+    ReportConfig,
+    RunConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+from shared.console import configure_console
 from shared.errors import SkinFLError
 from simulation.gan_options import add_gan_options, gan_config_from_args, print_gan_outcome
 from simulation.privacy_options import add_privacy_options, print_privacy_outcome, privacy_config_from_args
+from shared.version import add_version_option
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("SKIN_FL_CACHE_DIR", Path.home() / ".cache" / "skin-fl"))
 logger = logging.getLogger("skin_fl.sim")
@@ -26,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="skin-fl-sim",
         description="Simulate N hospital sites from one dataset and train the lesion classifier with "
         "federated averaging (Flower simulation engine). With no --data it runs on the built-in demo dataset.",
+    )
+    add_version_option(parser)
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="RUN.toml",
+        help="run settings with a deployment's run-config keys (flat kebab-case, as deploy/run-config.example.toml); "
+        "flags given on the command line override them",
     )
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, help="dataset folder (HAM10000, ISIC 2019, ISIC 2020 or folder-per-class)")
@@ -90,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders are written (default ./runs)")
     output.add_argument("--name", default="sim", help="suffix of the run folder name")
     output.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help=f"image and demo cache (default {DEFAULT_CACHE_DIR})")
+    output.add_argument(
+        "--tensorboard", action="store_true", help="also write per-round metrics as TensorBoard event files in RUN_FOLDER/tensorboard"
+    )
+    output.add_argument("-v", "--verbose", action="store_true", help="also show Flower's and Ray's own log (quiet by default)")
     output.add_argument("--threads-per-site", type=int, help="CPU threads of each simulated site (default: cores / sites, at least 1)")
     output.add_argument(
         "--resume",
@@ -100,10 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with a --config file's values as the defaults of their flags."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        from simulation.config_file import apply_config_file
+
+        try:
+            file_settings = apply_config_file(parser, args.config)
+        except SkinFLError as error:
+            parser.error(str(error))
+        args = parser.parse_args(argv)
+        args.file_settings = file_settings
+    return args
+
+
 def run_config_from_args(args: argparse.Namespace, classes: list[str], device_image_size: int) -> RunConfig:
-    """The validated run settings the command line describes."""
+    """The validated run settings the command line (and its --config file) describe."""
     try:
-        return RunConfig(
+        run = RunConfig(
             classes=classes,
             model=ModelConfig(name=args.model, pretrained=args.pretrained),
             preprocess=PreprocessConfig(
@@ -136,10 +175,16 @@ def run_config_from_args(args: argparse.Namespace, classes: list[str], device_im
             gan=gan_config_from_args(args),
             privacy=privacy_config_from_args(args),
             report=ReportConfig(personalise_epochs=args.personalise_epochs),
+            tracking=TrackingConfig(tensorboard=args.tensorboard),
             seed=args.seed,
         )
     except ValueError as error:
         raise SkinFLError(f"invalid option: {error}") from error
+    if getattr(args, "file_settings", None):
+        from simulation.config_file import with_file_settings
+
+        run = with_file_settings(run, dict(args.file_settings), args.config)
+    return run
 
 
 def load_table(args: argparse.Namespace):
@@ -187,15 +232,16 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    import importlib.util
+    from shared.extras import require_extra
 
-    if importlib.util.find_spec("ray") is None:
-        raise SkinFLError("the simulation engine needs Ray: pip install 'skin-fl[simulation]' (or pip install -e '.[simulation]')")
+    require_extra("simulation", "the simulation engine (Ray)")
+    from flwr.simulation import run_simulation
+
+    configure_console(args.verbose)
     if args.resume is not None:
         from simulation.resume_run import resume_simulation_command
 
         return resume_simulation_command(args)
-    from flwr.simulation import run_simulation
 
     from client.app import create_client_app
     from client.site_source import SimulationSites
@@ -209,6 +255,8 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
     device = resolve_device(args.device)
     table = load_table(args)
     run = run_config_from_args(args, table.classes, default_image_size(device))
+    if run.tracking.tensorboard:
+        require_extra("tracking", "--tensorboard")
     names_sites = args.partition_column in table.frame and (table.frame[args.partition_column] != "").all()
     partition = args.partition or ("natural" if names_sites else "dirichlet")
     if partition == "dirichlet" and args.num_sites is None:
@@ -275,7 +323,7 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of skin-fl-sim."""
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     try:
         run_simulation_command(args)
     except SkinFLError as error:

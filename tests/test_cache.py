@@ -53,6 +53,14 @@ def decode_calls(monkeypatch):
     return calls
 
 
+def test_caching_writes_progress_lines_when_the_output_is_a_log(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SKIN_FL_PROGRESS_SECONDS", "0")
+    build_image_cache(_write_table(tmp_path / "images"), tmp_path / "cache" / "site", PreprocessConfig(image_size=32))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("caching cache/site: at 1/12 (8 %), ") and lines[-1].startswith("caching cache/site: done 12/12 (100 %), ")
+    assert len(lines) == 13 and not any("\x1b" in line for line in lines)
+
+
 def test_build_writes_a_memory_mapped_cache_and_index(tmp_path):
     table = _write_table(tmp_path / "images")
     cached = build_image_cache(table, tmp_path / "cache", PreprocessConfig(image_size=32), progress=False)

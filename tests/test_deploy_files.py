@@ -67,8 +67,8 @@ def test_dockerfiles_install_torch_first_then_the_project_and_run_the_right_comm
     assert set(keywords) <= {"FROM", "ENV", "ARG", "RUN", "WORKDIR", "COPY", "USER", "VOLUME", "EXPOSE", "ENTRYPOINT", "CMD"}
     assert instructions[0] == ("FROM", "python:3.11-slim")
     runs = [arguments for keyword, arguments in instructions if keyword == "RUN"]
-    torch_step = next(index for index, command in enumerate(runs) if "torch==2.13.0" in command)
-    project_step = next(index for index, command in enumerate(runs) if "pip install -e ." in command)
+    torch_step = next(index for index, command in enumerate(runs) if "-c constraints.txt torch torchvision" in command)
+    project_step = next(index for index, command in enumerate(runs) if "pip install -c constraints.txt -e ." in command)
     assert torch_step < project_step
     for keyword, arguments in instructions:
         if keyword == "COPY":

@@ -16,21 +16,24 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends nginx \
     && rm -rf /var/lib/apt/lists/*
 
+WORKDIR /opt/skin-fl
 # torch first, from the CPU wheel index: the coordinator only averages weights, and without torch
 # present pip would pull a CUDA build as a dependency of the project.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 torchvision==0.28.0
+COPY constraints.txt ./
+# constraints.txt pins every package to the versions CI tests with (torch 2.13.0, torchvision 0.28.0);
+# the extra index offers the CPU (or CUDA) build of that torch, which pip prefers to the plain one.
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt torch torchvision
 
 # The server submits the Flower app from its source folder (pyproject.toml's [tool.flwr.app]), so the
 # project is installed in place (editable) from /opt/skin-fl.
-WORKDIR /opt/skin-fl
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY server ./server
 COPY client ./client
 COPY simulation ./simulation
 COPY deploy/run-config.example.toml ./deploy/run-config.example.toml
-RUN pip install -e .
+RUN pip install -c constraints.txt -e .
 
 # Runs as an unprivileged user by default; compose passes the host user's uid so mounted keys
 # (mode 600) stay readable. /state holds the SuperLink database, run folders and logs.

@@ -12,18 +12,21 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     FLWR_DISABLE_UPDATE_CHECK=1 \
     HOME=/state
 
+WORKDIR /opt/skin-fl
 # torch first: without it present pip would pick whatever build the project's dependencies pull.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 torchvision==0.28.0
+COPY constraints.txt ./
+# constraints.txt pins every package to the versions CI tests with (torch 2.13.0, torchvision 0.28.0);
+# the extra index offers the CPU (or CUDA) build of that torch, which pip prefers to the plain one.
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt torch torchvision
 
-WORKDIR /opt/skin-fl
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY server ./server
 COPY client ./client
 COPY simulation ./simulation
 COPY deploy/sites/example-site.toml ./deploy/sites/example-site.toml
-RUN pip install -e .
+RUN pip install -c constraints.txt -e .
 
 # /data: the site's images (read-only); /state: node config and SuperNode log; /cache: decoded images.
 RUN useradd --uid 10001 --create-home --home-dir /home/skin-fl skin-fl \

@@ -5,20 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from shared.config import PreprocessConfig
 from shared.data.images import decode_image
 from shared.data.records import SPLITS, ImageTable, SkippedRow
 from shared.data.transforms import preprocess_image
 from shared.errors import DataError
+from shared.progress import progress as show_progress
 
 CACHE_FORMAT_VERSION = 1
 """Bump when the cached pixels of an unchanged source would differ, so old caches are rebuilt."""
@@ -216,11 +215,8 @@ def _build(
         pixels = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
         # PIL and OpenCV release the GIL while decoding and resizing, so threads scale with cores.
         with ThreadPoolExecutor(max_workers=_usable_cpu_count()) as pool:
-            results = tqdm(
-                pool.map(load, paths),
-                total=len(paths),
-                desc=f"caching {cache_dir.parent.name}/{cache_dir.name}",
-                disable=not (progress and sys.stderr.isatty()),
+            results = show_progress(
+                len(paths), f"caching {cache_dir.parent.name}/{cache_dir.name}", enabled=progress, iterable=pool.map(load, paths)
             )
             for row, result in enumerate(results):
                 if isinstance(result, DataError):

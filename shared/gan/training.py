@@ -16,6 +16,7 @@ from shared.data.cache import CachedImages
 from shared.errors import ConfigError, DataError
 from shared.gan.diff_augment import diff_augment
 from shared.precision import Precision, resolve_precision
+from shared.progress import progress
 
 FP32_CPU = Precision(None, False, "cpu")
 _RESIZE_CHUNK = 256
@@ -253,15 +254,18 @@ def train_gan_locally(
     scalers = tuple(torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None for _ in range(2))
     d_total = g_total = 0.0
     started = time.perf_counter()
-    for step in range(config.local_steps):
-        rows = torch.multinomial(weights, config.batch_size, replacement=True, generator=random)
-        d_loss, g_loss = adversarial_step(
-            generator, discriminator, optimizers, (real[rows], labels[rows]), (labels[rows], labels[rows]),
-            random=random, device=device, precision=precision, scalers=scalers, diff_augment_policies=config.diff_augment,
-        )
-        check_gan_losses(d_loss, g_loss, step, precision)
-        d_total += d_loss
-        g_total += g_loss
+    with progress(config.local_steps, f"GAN steps {images.source or 'this site'}") as bar:
+        for step in range(config.local_steps):
+            rows = torch.multinomial(weights, config.batch_size, replacement=True, generator=random)
+            d_loss, g_loss = adversarial_step(
+                generator, discriminator, optimizers, (real[rows], labels[rows]), (labels[rows], labels[rows]),
+                random=random, device=device, precision=precision, scalers=scalers, diff_augment_policies=config.diff_augment,
+            )
+            check_gan_losses(d_loss, g_loss, step, precision)
+            d_total += d_loss
+            g_total += g_loss
+            bar.update(1)
+            bar.set_postfix(d_loss=f"{d_total / (step + 1):.3f}", g_loss=f"{g_total / (step + 1):.3f}")
     seconds = time.perf_counter() - started
     steps = config.local_steps
     return GanTrainResult(d_total / steps, g_total / steps, steps, steps * config.batch_size, seconds, precision.name)
