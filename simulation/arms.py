@@ -12,7 +12,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -84,10 +86,16 @@ class ArmContext:
     sites: dict[str, CachedImages]
     device: torch.device
     log: Callable[[str], None] = print
+    partial_path: Path | None = None
+    """Where a federated or pooled arm keeps its state after every round, so an interrupted cell continues."""
 
     def __post_init__(self) -> None:
         self.pooled_val = concatenate([images.select("val") for images in self.sites.values()])
         self.pooled_test = concatenate([images.select("test") for images in self.sites.values()])
+
+    def with_run(self, run: RunConfig) -> ArmContext:
+        """The same context with other settings."""
+        return ArmContext(run, self.sites, self.device, self.log, self.partial_path)
 
     def new_model(self) -> nn.Module:
         """The run's classifier at its initial (pretrained) weights, on the device."""
@@ -183,7 +191,7 @@ def _federate(context: ArmContext, arm: str) -> tuple[ArmResult, nn.Module]:
                 "federation": federation.model_copy(update={"strategy": "fedprox"}),
             }
         )
-        context = ArmContext(run, context.sites, context.device, context.log)
+        context = context.with_run(run)
     server = ServerOptimiser.for_strategy(
         arm, server_learning_rate=federation.server_learning_rate, server_momentum=federation.server_momentum
     )
@@ -191,8 +199,11 @@ def _federate(context: ArmContext, arm: str) -> tuple[ArmResult, nn.Module]:
     model = context.new_model()
     global_arrays = model_to_arrays(model)
     result = ArmResult(arm, run.seed, 0.0)
-    started = time.monotonic()
-    for server_round in range(1, federation.rounds + 1):
+    done = _resume(context, result, server)
+    if done:
+        global_arrays = done
+    started = time.monotonic() - result.wall_seconds
+    for server_round in range(len(result.rounds) + 1, federation.rounds + 1):
         updates, weights = [], []
         for site, images in context.sites.items():
             load_arrays_into(model, global_arrays)
@@ -210,7 +221,10 @@ def _federate(context: ArmContext, arm: str) -> tuple[ArmResult, nn.Module]:
             global_arrays = context.recalibrated(model, global_arrays)
         load_arrays_into(model, global_arrays)
         result.rounds.append(context.score(model, server_round))
+        result.wall_seconds = time.monotonic() - started
+        _keep_partial(context, result, global_arrays, server)
         context.log(_progress_line(arm, run.seed, result.rounds[-1], federation.rounds, time.monotonic() - started))
+    load_arrays_into(model, global_arrays)
     result.wall_seconds = time.monotonic() - started
     result.per_site = context.per_site_test(model)
     result.calibration = context.calibration(model)
@@ -244,15 +258,20 @@ def run_personalised(context: ArmContext) -> ArmResult:
 def run_pooled(context: ArmContext) -> ArmResult:
     """One model on the union of the sites' training splits, the same epochs and schedule as the federation."""
     run = pooled_run(context.run, len(context.sites))
-    context = ArmContext(run, context.sites, context.device, context.log)
+    context = context.with_run(run)
     seed_everything(run.seed)
     model = context.new_model()
     pooled_train = concatenate([images.select("train") for images in context.sites.values()])
     result = ArmResult("pooled", run.seed, 0.0)
-    started = time.monotonic()
-    for server_round in range(1, run.federation.rounds + 1):
+    done = _resume(context, result)
+    if done:
+        load_arrays_into(model, done)
+    started = time.monotonic() - result.wall_seconds
+    for server_round in range(len(result.rounds) + 1, run.federation.rounds + 1):
         context.train_site(model, pooled_train, server_round, "pooled")
         result.rounds.append(context.score(model, server_round))
+        result.wall_seconds = time.monotonic() - started
+        _keep_partial(context, result, model_to_arrays(model))
         context.log(_progress_line("pooled", run.seed, result.rounds[-1], run.federation.rounds, time.monotonic() - started))
     result.wall_seconds = time.monotonic() - started
     result.per_site = context.per_site_test(model)
@@ -305,6 +324,44 @@ def run_arm(context: ArmContext, arm: str) -> ArmResult:
     if arm == "personalised":
         return run_personalised(context)
     raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+
+
+def _keep_partial(context: ArmContext, result: ArmResult, arrays: dict, server: ServerOptimiser | None = None) -> None:
+    """Save the arm's state after a round (weights, server optimiser, figures so far, random generators)."""
+    if context.partial_path is None:
+        return
+    state = {
+        "arrays": {name: torch.as_tensor(value) for name, value in arrays.items()},
+        "server": {name: torch.as_tensor(value) for name, value in server.state().items()} if server is not None else {},
+        "rounds": result.rounds,
+        "wall_seconds": result.wall_seconds,
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": _numpy_rng_state(),
+    }
+    temporary = context.partial_path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    temporary.replace(context.partial_path)
+
+
+def _numpy_rng_state() -> list:
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]
+
+
+def _resume(context: ArmContext, result: ArmResult, server: ServerOptimiser | None = None) -> dict | None:
+    """The global arrays of the last finished round of an interrupted cell (its figures go into `result`), or None."""
+    if context.partial_path is None or not context.partial_path.is_file():
+        return None
+    state = torch.load(context.partial_path, weights_only=True)
+    result.rounds = state["rounds"]
+    result.wall_seconds = state["wall_seconds"]
+    if server is not None:
+        server.load_state({name: value.numpy() for name, value in state["server"].items()})
+    torch.set_rng_state(state["torch_rng"])
+    kind, keys, position, has_gauss, cached = state["numpy_rng"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    context.log(f"[{result.arm} seed {result.seed}] continuing after round {len(result.rounds)} ({context.partial_path.name})")
+    return {name: value.numpy() for name, value in state["arrays"].items()}
 
 
 def _mean(values: list) -> float | None:

@@ -181,11 +181,15 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"[{number}/{len(todo)}] {arm} seed {seed} on {device} ...", flush=True)
             started = time.monotonic()
-            context = ArmContext(bench_run_config(args, classes, seed), site_images, device, log=lambda line: print(line, flush=True))
+            partial = path.with_suffix(".partial.pt")
+            context = ArmContext(
+                bench_run_config(args, classes, seed), site_images, device, log=lambda line: print(line, flush=True), partial_path=partial
+            )
             result = run_arm(context, arm)
             temporary = path.with_suffix(".tmp")
             temporary.write_text(json.dumps(result.as_dict(), indent=1) + "\n")
             temporary.replace(path)
+            partial.unlink(missing_ok=True)
             print(f"[{number}/{len(todo)}] {arm} seed {seed}: {time.monotonic() - started:.0f} s", flush=True)
         print(write_table(args.out, args.arms))
     except SkinFLError as error:

@@ -79,3 +79,33 @@ def test_personalised_arm_reports_each_sites_tuned_and_global_model_side_by_side
     assert [entry["round"] for entry in cell["rounds"]] == [1, 2]
     assert "bal. acc (mean over sites, global model)" in (out / "table.md").read_text()
     assert "| personalised | 1 |" in (out / "table.md").read_text()
+
+
+def test_an_interrupted_cell_continues_after_its_last_finished_round_with_the_same_figures(tmp_path, demo_data, monkeypatch):
+    import simulation.arms as arms
+
+    cache = tmp_path / "cache"
+    # fp32 throughout: on a CPU, automatic precision picks bf16 by a timing, which a busy machine can flip.
+    fixed = ("--arms", "fedavg", "--seeds", "0", "--amp", "off")
+    assert _bench(tmp_path / "whole", demo_data, cache, *fixed) == 0
+    whole = json.loads((tmp_path / "whole" / "cells" / "fedavg_seed0.json").read_text())
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_round_one(*_args, **_kwargs):
+        raise Interrupted
+
+    interrupted = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        patch.setattr(arms, "_progress_line", stop_after_round_one)
+        with pytest.raises(Interrupted):
+            _bench(interrupted, demo_data, cache, *fixed)
+    assert (interrupted / "cells" / "fedavg_seed0.partial.pt").is_file()
+    assert not (interrupted / "cells" / "fedavg_seed0.json").exists()
+
+    assert _bench(interrupted, demo_data, cache, *fixed) == 0
+    resumed = json.loads((interrupted / "cells" / "fedavg_seed0.json").read_text())
+    assert not (interrupted / "cells" / "fedavg_seed0.partial.pt").exists()
+    assert resumed["rounds"] == whole["rounds"]
+    assert resumed["per_site"] == whole["per_site"]
