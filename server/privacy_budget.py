@@ -136,10 +136,9 @@ class PrivacyBudget:
         return message
 
     def _announce_stop(self, message: str) -> None:
-        """Save why training stopped, and say it in the log and on the console."""
+        """Save why training stopped, and say it in the log and on the console (every command shows the project's log)."""
         self.save()
         logger.warning(message)
-        print(message, flush=True)
 
     def after_gan_round(self, server_round: int, replies: list[Message]) -> dict:
         """Record the epsilon each site reported for GAN round `server_round`; returns the round's privacy entry."""

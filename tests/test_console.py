@@ -15,6 +15,7 @@ from shared.console import PROJECT_LOGGERS, configure_console
 from shared.progress import LogProgress, progress
 from tensorboard_events import read_scalars
 
+SITE_PROGRESS_LINE = re.compile(r"^\(ClientAppActor pid=\d+\) demo_clinic_\d round \d: (at|done) \d+/\d+ ")
 ROUND_LINE = re.compile(
     r"^round (\d+)/(\d+): \d+/\d+ sites( \(\d+/\d+ evaluated\))?, train loss [\d.]+, test loss [\d.]+, "
     r"bal\. acc [\d.]+, AUC ([\d.]+|-), \d+ s$"
@@ -107,10 +108,14 @@ def test_skin_fl_sim_prints_only_its_own_lines_one_per_round_and_writes_tensorbo
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output = result.stdout + result.stderr
     lines = output.splitlines()
-    assert len(lines) < 40, output
+    assert len(lines) < 40, f"{len(lines)} lines; stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert "\x1b" not in output
-    for foreign in ("INFO :", "WARNING :", "DEPRECATED", "FutureWarning", "ClientAppActor", "pid="):
+    for foreign in ("INFO :", "WARNING :", "ERROR :", "DEPRECATED", "FutureWarning", "Manually terminating"):
         assert foreign not in output, f"{foreign!r} in:\n{output}"
+    # A site's lines reach the console through Ray, which names the actor; on a slow machine they are progress lines.
+    for line in lines:
+        if "pid=" in line:
+            assert SITE_PROGRESS_LINE.match(line), line
     rounds = [ROUND_LINE.match(line) for line in lines if line.startswith("round ")]
     assert [(match.group(1), match.group(2)) for match in rounds] == [("1", "2"), ("2", "2")], output
     assert "overall" in result.stdout and "skin-fl hands on round" in result.stdout
