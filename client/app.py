@@ -11,14 +11,12 @@ from flwr.clientapp import ClientApp
 
 from client.gan_handlers import register_gan_handlers
 from client.model_queries import register_model_queries
-from client.privacy_round import private_round_trainer
 from client.received import receive, round_training_images
-from client.report import FINAL_REPORT_KEY, site_report_folder, write_end_of_run_report
 from client.site_source import NodeConfigSite, SimulationSites
 from shared.data.feedback import feedback_summary
 from shared.local_training import evaluate_on_images, precision_for, site_round_seed, train_on_images
 from shared.privacy.training import private_train_metrics
-from shared.protocol import VALIDATION_CONFUSION_KEY
+from shared.protocol import FINAL_REPORT_KEY, VALIDATION_CONFUSION_KEY
 from shared.weights import model_to_arrays
 
 
@@ -67,6 +65,8 @@ def create_client_app(site_source: SimulationSites | NodeConfigSite | None = Non
         proximal = run.train.proximal_mu > 0
         train_round = train_on_images
         if run.privacy.local:
+            from client.privacy_round import private_round_trainer  # Opacus and the ledger: only for DP rounds
+
             train_round = private_round_trainer(source, context, message, site.name, run, instructions.server_round)
         result = train_round(
             model,
@@ -116,6 +116,8 @@ def create_client_app(site_source: SimulationSites | NodeConfigSite | None = Non
         )
         if message.content["config"].get(FINAL_REPORT_KEY, False):
             # The report stays on this machine; the reply carries the same aggregate metrics as every round.
+            from client.report import site_report_folder, write_end_of_run_report  # plots: only for the last round
+
             folder = site_report_folder(source, context, site.name)
             write_end_of_run_report(
                 folder, model, run, test_images, site=site.name, server_round=instructions.server_round,

@@ -67,10 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--feedback-store", type=Path, help="the clinician web app's cases.sqlite to train on")
     parser.add_argument("--supernode-port", type=int, help="local port of the SuperNode's runtime API (default 9094; one per site on a machine)")
     parser.add_argument("--state-dir", type=Path, help="where the node config and SuperNode log are kept")
+    parser.add_argument(
+        "--threads", type=_thread_count, metavar="N|auto",
+        help="torch CPU threads of the site's training (default auto: the machine's CPUs divided by --sites-on-host)",
+    )
+    parser.add_argument(
+        "--sites-on-host", type=int, metavar="N", help="skin-fl sites sharing this machine (default 1); auto threads share the CPUs out"
+    )
     parser.add_argument("--max-restarts", type=int, help="give up after this many failed restarts in a row (default: never)")
     parser.add_argument("--insecure", action="store_true", default=None, help="LOCAL DEVELOPMENT ONLY: no TLS, no site key")
     parser.add_argument("--check", action="store_true", help="only run the local checks, print the summary and exit")
     return parser
+
+
+def _thread_count(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a thread count; give a positive number or auto") from None
 
 
 def settings_from_args(args: argparse.Namespace) -> SiteSettings:
@@ -84,6 +100,8 @@ def settings_from_args(args: argparse.Namespace) -> SiteSettings:
         "insecure": args.insecure,
         "supernode-port": args.supernode_port,
         "state-dir": str(args.state_dir) if args.state_dir else None,
+        "threads": args.threads,
+        "sites-on-host": args.sites_on_host,
         "data.dir": str(args.data) if args.data else None,
         "data.format": args.format,
         "data.skip-bad": args.skip_bad,

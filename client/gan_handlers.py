@@ -1,4 +1,8 @@
-"""ClientApp handlers of the federated GAN: local GAN rounds, synthesis of a site's minority classes, augmented training split."""
+"""ClientApp handlers of the federated GAN: local GAN rounds, synthesis of a site's minority classes, augmented training split.
+
+The GAN's own work lives in `client.gan_rounds`, imported when a GAN message arrives, so a
+classifier round does not load the GAN stack.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +10,12 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client.privacy_round import ledger_id_of
-from shared.config import ModelConfig, RunConfig
+from shared.config import RunConfig
 from shared.data.cache import CachedImages
 from shared.site_names import safe_site_name
-from shared.device import resolve_device
-from shared.gan.augmentation import add_synthetic_to_training, load_synthetic, save_synthetic, synthesise_for_site
-from shared.gan.features import classifier_features
-from shared.gan.models import build_gan, gan_to_arrays, load_gan_arrays
-from shared.gan.quality import frechet_distance
-from shared.gan.training import at_gan_resolution, generate, to_uint8_hwc, train_gan_locally
-from shared.local_training import site_round_seed
-from shared.models.classifier import build_classifier
-from shared.privacy.accounting import PrivacyLedger, RoundSchedule
-from shared.privacy.gan_training import train_gan_privately
-from shared.privacy.training import private_train_metrics
-from shared.weights import load_arrays_into
 
 GAN_TRAIN_ACTION = "gan"
 GAN_SYNTHESISE_ACTION = "gan_synthesise"
@@ -38,20 +27,7 @@ QUALITY_KEY = "quality"
 FEATURE_MODEL_KEY = "feature-model"
 FEATURE_CLASSES_KEY = "feature-classes"
 REPORT_KEY = "report"
-QUALITY_SAMPLES = 256
 DEFAULT_SYNTHETIC_ROOT = Path.home() / ".cache" / "skin-fl" / "synthetic"
-
-
-def _arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {name: array.numpy() for name, array in record.items()}
-
-
-def feature_model_from(message: Message) -> torch.nn.Module:
-    """The classifier whose penultimate features the site measures and selects in (weights from the server)."""
-    config = message.content["config"]
-    model = build_classifier(ModelConfig(name=str(config[FEATURE_MODEL_KEY]), pretrained="none"), int(config[FEATURE_CLASSES_KEY]))
-    load_arrays_into(model, _arrays_of(message.content["classifier"]))
-    return model.eval()
 
 
 def synthetic_set_tag(run: RunConfig) -> str:
@@ -86,24 +62,10 @@ def site_training_images(source, context: Context, site, run: RunConfig) -> Cach
     """The site's training split, with its selected synthetic images when the run augments."""
     if not run.gan.augment:
         return site.images.select("train")
+    from shared.gan.augmentation import add_synthetic_to_training, load_synthetic
+
     synthetic = load_synthetic(synthetic_set_path(source, context, site.name, run), run.classes)
     return add_synthetic_to_training(site.images, synthetic).select("train")
-
-
-def _site_seed(run: RunConfig, server_round: int, site_name: str) -> int:
-    return site_round_seed(run.seed, server_round, site_name)
-
-
-def _site_frechet_distance(generator, feature_model, train_images: CachedImages, run: RunConfig, seed: int) -> float:
-    """Fréchet distance between up to QUALITY_SAMPLES real training images (at the GAN's resolution) and as many generated ones, same classes."""
-    rows = np.random.default_rng(seed).permutation(len(train_images))[:QUALITY_SAMPLES]
-    real = at_gan_resolution(np.asarray(train_images.images[np.sort(rows)]), generator.image_size)
-    labels = train_images.labels[np.sort(rows)]
-    fake = to_uint8_hwc(generate(generator, labels, seed=seed))
-    size = run.preprocess.image_size
-    return frechet_distance(
-        classifier_features(feature_model, real, image_size=size), classifier_features(feature_model, fake, image_size=size)
-    )
 
 
 def register_gan_handlers(app: ClientApp, source) -> None:
@@ -111,63 +73,12 @@ def register_gan_handlers(app: ClientApp, source) -> None:
 
     @app.train(GAN_TRAIN_ACTION)
     def train_gan(message: Message, context: Context) -> Message:
-        config = message.content["config"]
-        run = RunConfig.from_coordinator(str(config[RUN_KEY]))
-        server_round = int(config[ROUND_KEY])
-        site = source.load(context, run)
-        device = resolve_device(run.train.device)
-        generator, discriminator = build_gan(run.gan, len(run.classes))
-        load_gan_arrays(generator, discriminator, _arrays_of(message.content["arrays"]))
-        train_images = site.images.select("train")
-        seed = _site_seed(run, server_round, site.name)
-        metrics = {}
-        if run.privacy.local:
-            ledger = PrivacyLedger.open(source.privacy_state_dir(context), site.name, ledger_id_of(message, context), run.privacy.target_delta)
-            result = train_gan_privately(
-                generator, discriminator, train_images, run=run, ledger=ledger, server_round=server_round, device=device, seed=seed
-            )
-            metrics.update(private_train_metrics(result))
-            metrics["epsilon-next-classifier-round"] = ledger.epsilon_after(RoundSchedule.for_site(run, len(train_images)))
-        else:
-            result = train_gan_locally(generator, discriminator, train_images, config=run.gan, device=device, seed=seed)
-        metrics.update({
-            "num-examples": len(train_images),
-            "discriminator-loss": result.discriminator_loss,
-            "generator-loss": result.generator_loss,
-            "train-seconds": result.seconds,
-        })
-        # The Frechet distance summarises the site's real images (mean and covariance of their
-        # features), which DP-SGD does not cover: it is not sent from a private run.
-        if bool(config[QUALITY_KEY]) and not run.privacy.local:
-            metrics["frechet-distance"] = _site_frechet_distance(generator, feature_model_from(message), train_images, run, seed)
-        reply = RecordDict(
-            {
-                "arrays": ArrayRecord({name: Array(value) for name, value in gan_to_arrays(generator.cpu(), discriminator.cpu()).items()}),
-                "metrics": MetricRecord(metrics),
-                "site": ConfigRecord({"name": site.name, "precision": result.precision, "device": str(device)}),
-            }
-        )
-        return Message(reply, reply_to=message)
+        from client.gan_rounds import train_gan_round
+
+        return train_gan_round(message, context, source)
 
     @app.query(GAN_SYNTHESISE_ACTION)
     def synthesise(message: Message, context: Context) -> Message:
-        config = message.content["config"]
-        run = RunConfig.from_coordinator(str(config[RUN_KEY]))
-        site = source.load(context, run)
-        generator, discriminator = build_gan(run.gan, len(run.classes))
-        load_gan_arrays(generator, discriminator, _arrays_of(message.content["arrays"]))
-        train_images = site.images.select("train")
-        synthesis = synthesise_for_site(
-            generator, discriminator, feature_model_from(message), train_images,
-            config=run.gan, image_size=run.preprocess.image_size, seed=_site_seed(run, 0, site.name),
-        )
-        save_synthetic(synthetic_set_path(source, context, site.name, run), synthesis)
-        report = synthesis.report()
-        report["real"] = {name: int(count) for name, count in zip(run.classes, train_images.class_counts())}
-        reply = RecordDict(
-            {
-                "metrics": MetricRecord({"num-examples": len(train_images), "synthetic-images": int(len(synthesis.images))}),
-                "site": ConfigRecord({"name": site.name, REPORT_KEY: json.dumps(report)}),
-            }
-        )
-        return Message(reply, reply_to=message)
+        from client.gan_rounds import synthesise_for_message
+
+        return synthesise_for_message(message, context, source)

@@ -35,8 +35,6 @@ from shared.isic_metrics import isic_scores  # noqa: E402
 from shared.site_names import safe_site_name  # noqa: E402
 from shared.metrics import classification_metrics, format_metrics_table, metrics_from_confusion  # noqa: E402
 
-FINAL_REPORT_KEY = "final-report"
-"""Config flag of the last evaluate message: evaluate, write the local report, reply with aggregates only."""
 REPORT_DIR_NODE_KEY = "report-dir"
 DEFAULT_REPORT_ROOT = Path.home() / ".local" / "share" / "skin-fl" / "reports"
 TABLE_COLUMNS = ("support", "sensitivity", "specificity", "ppv", "npv", "f1", "auc", "auc_sens_80", "ap")

@@ -8,6 +8,7 @@ import re
 import stat
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -74,7 +75,24 @@ class SiteSettings(SiteFileModel):
         DEFAULT_SUPERNODE_PORT, ge=1, le=65535, description="Local port of the SuperNode's runtime API (differs per site on one machine)."
     )
     state_dir: Path | None = Field(None, description="Where the client keeps its node config and log (default ~/.local/state/skin-fl-client/<site>).")
+    threads: int | Literal["auto"] = Field(
+        "auto", description="Torch CPU threads of the site's training and evaluation; auto: the machine's CPUs divided by sites-on-host."
+    )
+    sites_on_host: int = Field(1, ge=1, description="skin-fl sites (SuperNodes) sharing this machine, so threads = auto shares the CPUs out.")
     reconnect: ReconnectSettings = Field(default_factory=ReconnectSettings)
+
+    @field_validator("threads")
+    @classmethod
+    def _positive_threads(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"threads = {value} is not a thread count; give a positive number or \"auto\"")
+        return value
+
+    def cpu_threads(self) -> int:
+        """The torch thread count the site's ClientApp sets before it trains: `threads`, or the CPUs shared out."""
+        from shared.device import cpu_threads_per_process
+
+        return self.threads if isinstance(self.threads, int) else cpu_threads_per_process(self.sites_on_host)
 
     @field_validator("site")
     @classmethod
@@ -200,19 +218,26 @@ def toml_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=True).replace("\x7f", "\\u007f")
 
 
+def _toml_value(value: str | bool | int) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value) if isinstance(value, int) else toml_string(value)
+
+
 def node_config_toml(settings: SiteSettings, data_format: str) -> str:
     """The SuperNode's node config as TOML: what the ClientApp reads (site, data-dir, format, ...)."""
     data = settings.data
-    values: dict[str, str | bool] = {
+    values: dict[str, str | bool | int] = {
         "site": settings.site,
         "data-dir": str(Path(data.dir).expanduser().resolve()),
         "format": data_format,
         "skip-bad": data.skip_bad,
+        "threads": settings.cpu_threads(),
     }
     if data.cache_dir is not None:
         values["cache-dir"] = str(Path(data.cache_dir).expanduser().resolve())
     if data.feedback_store is not None:
         values["feedback-store"] = str(Path(data.feedback_store).expanduser().resolve())
     lines = ["# Written by skin-fl-client: the node config the SuperNode hands to the skin-fl ClientApp."]
-    lines += [f"{key} = {'true' if value is True else 'false' if value is False else toml_string(value)}" for key, value in values.items()]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"

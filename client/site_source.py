@@ -48,10 +48,11 @@ def attach_feedback(
 
 @dataclass
 class NodeConfigSite:
-    """A hospital site: `site`, `data-dir`, `format` (and optional `cache-dir`, `skip-bad`, `feedback-store`) in the node config.
+    """A hospital site: `site`, `data-dir`, `format` (and optional `cache-dir`, `skip-bad`, `feedback-store`, `threads`) in the node config.
 
     `feedback-store` names the web app's cases.sqlite: its confirmed and corrected cases join the
-    site's training split.
+    site's training split. `threads` caps torch's CPU threads (skin-fl-client writes it, sharing
+    the machine's CPUs among the sites on it); without it torch uses every core.
     """
 
     _loaded: dict = field(default_factory=dict, repr=False)
@@ -66,6 +67,10 @@ class NodeConfigSite:
                 f"node config lacks {missing}; start the SuperNode with "
                 "--node-config \"site='NAME' data-dir='/path/to/images' format='ham10000'\""
             )
+        if "threads" in node:
+            if isinstance(node["threads"], bool) or not isinstance(node["threads"], int):
+                raise ConfigError(f"node config threads={node['threads']!r} is not a thread count; give a positive whole number")
+            configure_cpu_threads(node["threads"])
         key = (node["site"], node["data-dir"], node["format"], run.preprocess.model_dump_json(), run.seed)
         if key not in self._loaded:
             table = read_dataset(Path(str(node["data-dir"])), str(node["format"]), skip_bad=bool(node.get("skip-bad", False)))

@@ -207,8 +207,10 @@ def load_table(args: argparse.Namespace):
 
 def simulation_resources(num_sites: int, device_type: str, threads_per_site: int | None) -> tuple[int, dict]:
     """Threads per site and the Ray backend configuration that runs sites in parallel."""
+    from shared.device import cpu_threads_per_process
+
     cores = os.cpu_count() or 1
-    threads = threads_per_site or max(1, cores // num_sites)
+    threads = threads_per_site or cpu_threads_per_process(num_sites)
     threads = min(threads, cores)
     client_resources = {"num_cpus": threads, "num_gpus": 0.0}
     if device_type == "cuda":

@@ -15,6 +15,7 @@ from server.certs import init_credentials, site_file_stem
 from server.deployment import StateLayout, descendants, run_flower_cli, stop_pids
 from server.run_config_file import write_run_config_file
 from shared.data.demo import write_demo_dataset
+from shared.device import cpu_threads_per_process
 
 VENV_BIN = Path(sys.executable).parent
 FAST_RUN_CONFIG = {
@@ -53,16 +54,17 @@ def process_environment() -> dict[str, str]:
 
 @dataclass
 class Site:
-    """One demo hospital: its name, data folder and image cache."""
+    """One demo hospital: its name, data folder, image cache and torch threads (its share of the machine's CPUs)."""
 
     name: str
     data_dir: Path
     cache_dir: Path
+    threads: int = 1
 
     @property
     def node_config(self) -> str:
-        """The SuperNode's --node-config string (names with spaces stay one value)."""
-        return f'site="{self.name}" data-dir="{self.data_dir}" format="folder" cache-dir="{self.cache_dir}"'
+        """The SuperNode's --node-config string (names with spaces stay one value), as skin-fl-client writes it."""
+        return f'site="{self.name}" data-dir="{self.data_dir}" format="folder" cache-dir="{self.cache_dir}" threads={self.threads}'
 
 
 @dataclass
@@ -98,7 +100,8 @@ class Deployment:
                 data_dir, format="folder", num_images=self.images_per_site, num_sites=1, seed=11 + index,
                 min_per_class=2, width=64, height=64,
             )
-            self.sites.append(Site(name, data_dir, self.root / "cache" / site_file_stem(name)))
+            threads = cpu_threads_per_process(len(self.site_names))
+            self.sites.append(Site(name, data_dir, self.root / "cache" / site_file_stem(name), threads))
 
     def start_server(self, extra: tuple[str, ...] = (), timeout: float = 90.0) -> None:
         """`skin-fl-server start` on free loopback ports; returns once it says it is ready."""

@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from client.cli import EXIT_BAD_SETUP, EXIT_GAVE_UP, SupernodeSupervisor, main, supernode_command, supernode_environment
+from client.cli import (
+    EXIT_BAD_SETUP,
+    EXIT_GAVE_UP,
+    SupernodeSupervisor,
+    build_parser,
+    main,
+    supernode_command,
+    supernode_environment,
+)
 from client.site_config import (
     SiteSettings,
     build_site_settings,
@@ -19,6 +27,7 @@ from client.site_config import (
 from client.supernode_output import ConnectionContext, OutputWatcher, classify_line
 from server.certs import init_credentials
 from shared.data.demo import write_demo_dataset
+from shared.device import usable_cpu_count
 from shared.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,9 +122,28 @@ def test_node_config_file_keeps_names_with_spaces_and_quotes_exactly_as_flower_r
     path.parent.mkdir()
     path.write_text(node_config_toml(settings, "folder"), encoding="utf-8")
     read_by_flower = parse_config_args([str(path)])
-    assert read_by_flower == {"site": SITE, "data-dir": str(site_data.resolve()), "format": "folder", "skip-bad": True}
+    assert read_by_flower == {
+        "site": SITE, "data-dir": str(site_data.resolve()), "format": "folder", "skip-bad": True, "threads": usable_cpu_count(),
+    }
     command = supernode_command(settings.model_copy(update={"insecure": True}), path)
     assert command[command.index("--node-config") + 1] == str(path)
+
+
+def test_auto_threads_share_the_cpus_among_the_sites_on_the_machine(monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    base = {"site": "A", "superlink": "localhost:9443", "data": {"dir": str(tmp_path)}}
+    assert SiteSettings.model_validate(base).cpu_threads() == 8
+    assert SiteSettings.model_validate({**base, "sites-on-host": 3}).cpu_threads() == 2
+    assert SiteSettings.model_validate({**base, "sites-on-host": 16}).cpu_threads() == 1
+    assert SiteSettings.model_validate({**base, "threads": 5, "sites-on-host": 4}).cpu_threads() == 5
+    assert "threads = 2" in node_config_toml(SiteSettings.model_validate({**base, "sites-on-host": 4}), "folder").splitlines()
+    with pytest.raises(ConfigError, match='threads: Value error, threads = 0 is not a thread count; give a positive number or "auto"'):
+        build_site_settings({**base, "threads": 0}, {}, "site.toml")
+    with pytest.raises(ConfigError, match="sites-on-host: Input should be greater than or equal to 1"):
+        build_site_settings(base, {"sites-on-host": 0}, "the command line")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--threads", "many"])
+    assert build_parser().parse_args(["--threads", "auto"]).threads == "auto"
 
 
 def test_the_example_site_file_is_valid_and_options_override_it():
@@ -222,3 +250,23 @@ def test_an_unreachable_server_is_explained_and_retried_then_given_up(tmp_path, 
     assert any("nothing accepts connections" in text for text in said), said
     assert sum("restarting the SuperNode" in text for text in said) == 1
     assert os.path.getsize(tmp_path / "supernode.log") > 0
+
+
+def test_the_clientapp_sets_the_node_configs_threads_before_it_trains(site_data, tmp_path):
+    import torch
+    from flwr.app import Context, RecordDict
+
+    from client.site_source import NodeConfigSite
+    from shared.config import PreprocessConfig, RunConfig
+
+    run = RunConfig(classes=["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], preprocess=PreprocessConfig(image_size=32))
+    node = {"site": SITE, "data-dir": str(site_data), "format": "folder", "cache-dir": str(tmp_path / "cache")}
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        site = NodeConfigSite().load(Context(1, 1, {**node, "threads": 1}, RecordDict(), {}), run)
+        assert torch.get_num_threads() == 1 and len(site.images) == 60
+        with pytest.raises(ConfigError, match="threads='two' is not a thread count"):
+            NodeConfigSite().load(Context(1, 1, {**node, "threads": "two"}, RecordDict(), {}), run)
+    finally:
+        torch.set_num_threads(before)

@@ -110,6 +110,8 @@ def test_compose_file_runs_a_server_and_two_sites_with_valid_commands_and_mounts
             for container_path in (str(arguments.ca_cert), str(arguments.site_key), str(arguments.data), str(arguments.state_dir)):
                 assert container_path in mounts, (name, container_path)
             site_keys.add(arguments.site_key)
+            # Two sites on one host: each trains with half the CPUs.
+            assert arguments.sites_on_host == 2
     assert len(site_keys) == 2
 
 

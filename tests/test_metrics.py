@@ -11,8 +11,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from shared.errors import ModelError
-from shared.metrics import classification_metrics, format_metrics_table, metrics_from_confusion
+from shared.errors import DataError, ModelError
+from shared.metrics import binary_roc_auc, classification_metrics, format_metrics_table, metrics_from_confusion
 
 CLASSES = ["akiec", "bcc", "mel", "nv"]
 
@@ -60,6 +60,34 @@ def test_macro_auc_matches_scikit_learn_one_vs_rest_when_every_class_is_present(
     labels, probabilities = _random_predictions(150, labels_from=[0, 1, 2, 3], seed=1)
     metrics = classification_metrics(labels, probabilities, CLASSES)
     assert metrics["macro_auc"] == pytest.approx(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro"))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_binary_roc_auc_equals_scikit_learn_exactly(seed):
+    random = np.random.default_rng(seed)
+    size = int(random.integers(2, 400))
+    is_positive = random.random(size) < random.uniform(0.05, 0.95)
+    is_positive[:2] = [True, False]
+    # Coarse scores make many ties (as float16/AMP probabilities and small test splits do); fine ones make none.
+    scores = random.random(size)
+    if seed % 2:
+        scores = np.round(scores, int(random.integers(1, 3)))
+    assert binary_roc_auc(is_positive, scores) == roc_auc_score(is_positive, scores)
+    assert binary_roc_auc(is_positive, scores.astype(np.float32)) == roc_auc_score(is_positive, scores.astype(np.float32))
+
+
+def test_binary_roc_auc_of_perfect_reversed_and_constant_scores():
+    is_positive = np.array([True, True, False, False, False])
+    assert binary_roc_auc(is_positive, np.array([0.9, 0.8, 0.3, 0.2, 0.1])) == 1.0
+    assert binary_roc_auc(is_positive, np.array([0.1, 0.2, 0.3, 0.8, 0.9])) == 0.0
+    assert binary_roc_auc(is_positive, np.full(5, 0.5)) == 0.5
+
+
+def test_binary_roc_auc_refuses_one_kind_of_label_and_non_finite_scores():
+    with pytest.raises(DataError, match="both positive and negative"):
+        binary_roc_auc(np.array([True, True]), np.array([0.2, 0.4]))
+    with pytest.raises(ModelError, match="non-finite"):
+        binary_roc_auc(np.array([True, False]), np.array([np.nan, 0.4]))
 
 
 def test_melanoma_sensitivity_and_specificity():

@@ -16,6 +16,7 @@ from shared.config import PreprocessConfig
 from shared.data.images import decode_image
 from shared.data.records import SPLITS, ImageTable, SkippedRow
 from shared.data.transforms import preprocess_image
+from shared.device import usable_cpu_count
 from shared.errors import DataError
 from shared.progress import progress as show_progress
 
@@ -214,7 +215,7 @@ def _build(
     try:
         pixels = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
         # PIL and OpenCV release the GIL while decoding and resizing, so threads scale with cores.
-        with ThreadPoolExecutor(max_workers=_usable_cpu_count()) as pool:
+        with ThreadPoolExecutor(max_workers=usable_cpu_count()) as pool:
             results = show_progress(
                 len(paths), f"caching {cache_dir.parent.name}/{cache_dir.name}", enabled=progress, iterable=pool.map(load, paths)
             )
@@ -259,13 +260,6 @@ def _build(
     if cached is None:
         raise DataError(f"the image cache in {cache_dir} cannot be read back after writing; check the disk and rerun")
     return cached
-
-
-def _usable_cpu_count() -> int:
-    """CPUs this process may run on (a container's or a job's share, not the whole machine)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
 
 
 def _swap_in(cache_dir: Path, temporary_images: Path, index: dict) -> None:
