@@ -141,3 +141,16 @@ def test_loading_a_saved_model_with_missing_entries_is_refused(tmp_path):
     torch.save({"format": "skin-fl-classifier", "version": 1, "model_name": "test_efficientnet"}, path)
     with pytest.raises(ModelError, match=r"cut\.pt lacks the entries \['classes'"):
         load_classifier(path)
+
+
+def test_a_seeded_initial_model_and_the_draws_after_it_are_the_same_whether_or_not_the_packaged_weights_were_converted_before():
+    from shared.models.classifier import packaged_lite0_backbone
+
+    packaged_lite0_backbone.cache_clear()
+    torch.manual_seed(0)
+    first = build_classifier(ModelConfig(), 7).state_dict()  # converts the packaged weights
+    first_draw = torch.rand(4)  # what training draws next (augmentation, dropout)
+    torch.manual_seed(0)
+    second = build_classifier(ModelConfig(), 7).state_dict()  # reuses them
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert torch.equal(torch.rand(4), first_draw)

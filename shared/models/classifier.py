@@ -151,7 +151,10 @@ def packaged_lite0_backbone() -> dict[str, torch.Tensor]:
         package_state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged package file fails in torch.load with assorted exceptions
         raise ModelError(f"cannot read the packaged weights {path} ({_reason(error)}); reinstall {PACKAGED_WEIGHTS_PIP}") from error
-    reference_model = timm.create_model(PACKAGED_WEIGHTS_MODEL, pretrained=False)
+    # Names and shapes only: built on the meta device, it draws nothing from the seeded random
+    # generator, so a model built right after this first conversion equals any later one.
+    with torch.device("meta"):
+        reference_model = timm.create_model(PACKAGED_WEIGHTS_MODEL, pretrained=False)
     reference, head_names = reference_model.state_dict(), _head_names(reference_model)
     package_keys = [key for key in package_state if not key.endswith("num_batches_tracked")]
     timm_keys = [key for key in reference if not key.endswith("num_batches_tracked")]
