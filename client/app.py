@@ -13,6 +13,7 @@ from client.gan_handlers import register_gan_handlers
 from client.model_queries import register_model_queries
 from client.privacy_round import private_round_trainer
 from client.received import receive, round_training_images
+from client.reply_guard import guard_replies
 from client.report import FINAL_REPORT_KEY, site_report_folder, write_end_of_run_report
 from client.site_source import NodeConfigSite, SimulationSites
 from shared.data.feedback import feedback_summary
@@ -56,7 +57,7 @@ def evaluation_metric_record(metrics: dict, validation: dict | None = None) -> M
 def create_client_app(site_source: SimulationSites | NodeConfigSite | None = None) -> ClientApp:
     """A ClientApp reading its site from a simulation manifest, or from the node config."""
     source = site_source if site_source is not None else NodeConfigSite()
-    app = ClientApp()
+    app = ClientApp(mods=[guard_replies])
 
     @app.train()
     def train(message: Message, context: Context) -> Message:

@@ -26,12 +26,9 @@ from shared.models.classifier import build_classifier
 from shared.privacy.accounting import PrivacyLedger, RoundSchedule
 from shared.privacy.gan_training import train_gan_privately
 from shared.privacy.training import private_train_metrics
+from shared.protocol import GAN_SYNTHESISE_ACTION, GAN_TRAIN_ACTION
 from shared.weights import load_arrays_into
 
-GAN_TRAIN_ACTION = "gan"
-GAN_SYNTHESISE_ACTION = "gan_synthesise"
-GAN_TRAIN_MESSAGE = f"train.{GAN_TRAIN_ACTION}"
-GAN_SYNTHESISE_MESSAGE = f"query.{GAN_SYNTHESISE_ACTION}"
 RUN_KEY = "run"
 ROUND_KEY = "server-round"
 QUALITY_KEY = "quality"

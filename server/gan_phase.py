@@ -17,8 +17,6 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sampl
 from client.gan_handlers import (
     FEATURE_CLASSES_KEY,
     FEATURE_MODEL_KEY,
-    GAN_SYNTHESISE_MESSAGE,
-    GAN_TRAIN_MESSAGE,
     QUALITY_KEY,
     REPORT_KEY,
     ROUND_KEY,
@@ -39,6 +37,7 @@ from shared.gan.models import (
     save_gan,
 )
 from shared.gan.quality import save_class_grid
+from shared.protocol import GAN_SYNTHESISE_MESSAGE, GAN_TRAIN_MESSAGE
 
 logger = logging.getLogger(__name__)
 GAN_FOLDER = "gan"
