@@ -14,7 +14,8 @@ from flwr.serverapp import Grid, ServerApp
 from server.calibration import calibrate_handed_on_model
 from server.checkpoint import CheckpointWriter
 from server.gan_phase import feature_classifier_for, run_gan_phase
-from server.history import MetricHistory, write_json_atomically
+from server.history import MetricHistory
+from shared.durable_files import write_json_atomically
 from server.model_selection import best_validation_round
 from server.site_reports import request_site_reports
 from server.privacy_budget import budget_stop_metadata

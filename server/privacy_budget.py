@@ -9,7 +9,8 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from server.history import MetricHistory, write_json_atomically
+from server.history import MetricHistory
+from shared.durable_files import write_json_atomically
 from server.run_stop import RunStopped
 from shared.config import RunConfig
 from shared.errors import SkinFLError
