@@ -16,6 +16,7 @@ from client.privacy_round import ledger_id_of
 from shared.config import ModelConfig, RunConfig
 from shared.data.cache import CachedImages
 from shared.device import resolve_device
+from shared.durable_files import write_json_atomically
 from shared.gan.augmentation import add_synthetic_to_training, load_synthetic, save_synthetic, synthesise_for_site
 from shared.gan.features import classifier_features
 from shared.gan.models import build_gan, gan_to_arrays, load_gan_arrays
@@ -26,15 +27,17 @@ from shared.models.classifier import build_classifier
 from shared.privacy.accounting import PrivacyLedger, RoundSchedule
 from shared.privacy.gan_training import train_gan_privately
 from shared.privacy.training import private_train_metrics
-from shared.protocol import GAN_SYNTHESISE_ACTION, GAN_TRAIN_ACTION
+from shared.protocol import (
+    FEATURE_CLASSES_KEY,
+    FEATURE_MODEL_KEY,
+    GAN_SYNTHESISE_ACTION,
+    GAN_TRAIN_ACTION,
+    QUALITY_KEY,
+    ROUND_KEY,
+    RUN_KEY,
+)
 from shared.weights import load_arrays_into
 
-RUN_KEY = "run"
-ROUND_KEY = "server-round"
-QUALITY_KEY = "quality"
-FEATURE_MODEL_KEY = "feature-model"
-FEATURE_CLASSES_KEY = "feature-classes"
-REPORT_KEY = "report"
 QUALITY_SAMPLES = 256
 DEFAULT_SYNTHETIC_ROOT = Path.home() / ".cache" / "skin-fl" / "synthetic"
 
@@ -77,6 +80,25 @@ def synthetic_set_path(source, context: Context, site_name: str, run: RunConfig)
         root = Path(str(cache_dir)) / "synthetic" if cache_dir else DEFAULT_SYNTHETIC_ROOT
     safe_site = re.sub(r"[^A-Za-z0-9_.-]+", "_", site_name).strip("_") or "site"
     return root / safe_site / f"{synthetic_set_tag(run)}.npz"
+
+
+def selection_report_path(synthetic_path: Path) -> Path:
+    """The site-local selection report beside a synthetic set: per-class real, wanted and added counts, rejections, thresholds."""
+    return synthetic_path.with_suffix(".selection.json")
+
+
+def synthesis_reply_metrics(report: dict, *, private: bool) -> dict[str, int]:
+    """The totals a site sends after synthesis (see the allow-list of `query.gan_synthesise` in shared/protocol).
+
+    A private run sends only the number of synthetic images it added (the coordinator can
+    tell it from the training counts anyway); a run without DP adds the candidate and
+    rejection totals.
+    """
+    metrics = {"num-examples": sum(report["real"].values()), "synthetic-images": sum(report["added"].values())}
+    if not private and "rejected" in report:
+        metrics["candidates"] = int(report["candidates"])
+        metrics.update({f"rejected-{reason.replace('_', '-')}": int(count) for reason, count in report["rejected"].items()})
+    return metrics
 
 
 def site_training_images(source, context: Context, site, run: RunConfig) -> CachedImages:
@@ -158,13 +180,16 @@ def register_gan_handlers(app: ClientApp, source) -> None:
             generator, discriminator, feature_model_from(message), train_images,
             config=run.gan, image_size=run.preprocess.image_size, seed=_site_seed(run, 0, site.name),
         )
-        save_synthetic(synthetic_set_path(source, context, site.name, run), synthesis)
+        synthetic_path = synthetic_set_path(source, context, site.name, run)
+        save_synthetic(synthetic_path, synthesis)
         report = synthesis.report()
         report["real"] = {name: int(count) for name, count in zip(run.classes, train_images.class_counts())}
+        # Per-class counts and the real images' nearest-neighbour thresholds stay here, in the site's own report.
+        write_json_atomically(selection_report_path(synthetic_path), report)
         reply = RecordDict(
             {
-                "metrics": MetricRecord({"num-examples": len(train_images), "synthetic-images": int(len(synthesis.images))}),
-                "site": ConfigRecord({"name": site.name, REPORT_KEY: json.dumps(report)}),
+                "metrics": MetricRecord(synthesis_reply_metrics(report, private=run.privacy.local)),
+                "site": ConfigRecord({"name": site.name}),
             }
         )
         return Message(reply, reply_to=message)

@@ -1,22 +1,88 @@
-"""The last step before a reply leaves a site: an exception becomes a fixed error code, its full text stays in the site's log."""
+"""The last step before a reply leaves a site: only what the protocol allow-lists, and errors as fixed codes whose text stays here."""
 
 from __future__ import annotations
 
 import logging
 import secrets
 
-from flwr.app import Context, Error, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 from pydantic import ValidationError
 
-from shared.errors import ConfigError, DataError, ModelError
-from shared.protocol import site_error_reason
+from shared.config import RoundInstructions, RunConfig
+from shared.errors import ConfigError, DataError, ModelError, SkinFLError
+from shared.protocol import INSTRUCTIONS_KEY, REPLY_ALLOW_LISTS, RUN_KEY, SITE_RECORD_KEY, site_error_reason
 
 logger = logging.getLogger(__name__)
 
 
+class ReplyNotAllowed(SkinFLError):
+    """A reply holds a record, key, value or tensor its message type's allow-list does not permit."""
+
+
+def run_of_message(message: Message) -> RunConfig | None:
+    """The run settings a message carries (classifier messages in their instructions, GAN messages as such), else None."""
+    config = message.content.config_records.get("config", ConfigRecord())
+    if INSTRUCTIONS_KEY in config:
+        return RoundInstructions.model_validate_json(str(config[INSTRUCTIONS_KEY])).run
+    if RUN_KEY in config:
+        return RunConfig.model_validate_json(str(config[RUN_KEY]))
+    return None
+
+
+def run_is_private(message: Message) -> bool:
+    """Whether the message's run trains under local DP; a message naming no run counts as private (the stricter list)."""
+    run = run_of_message(message)
+    return True if run is None else run.privacy.local
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_reply(message: Message, reply: Message) -> None:
+    """Raise ReplyNotAllowed unless `reply` holds only what its message type's allow-list permits.
+
+    Metric keys must be listed (scalars, or lists of numbers where the list says so); the site
+    record holds listed keys with short text; array records hold only tensors named and shaped
+    like the ones the message brought (the model sent, never anything new).
+    """
+    message_type = message.metadata.message_type
+    allowed = REPLY_ALLOW_LISTS.get(message_type)
+    if allowed is None:
+        raise ReplyNotAllowed(f"no allow-list for message type {message_type!r} in shared/protocol.py")
+    extra_records = set(reply.content.keys()) - allowed.record_names()
+    if extra_records:
+        raise ReplyNotAllowed(f"{message_type} reply has records {sorted(extra_records)} outside its allow-list")
+    metrics = reply.content.get("metrics")
+    if not isinstance(metrics, MetricRecord):
+        raise ReplyNotAllowed(f"{message_type} reply has no metric record 'metrics'")
+    extra_metrics = set(metrics.keys()) - allowed.metric_keys(run_is_private(message))
+    if extra_metrics:
+        raise ReplyNotAllowed(f"{message_type} reply has metrics {sorted(extra_metrics)} outside its allow-list")
+    for key, value in metrics.items():
+        is_list = isinstance(value, list)
+        if is_list != (key in allowed.list_metrics) or not all(_is_number(item) for item in (value if is_list else [value])):
+            raise ReplyNotAllowed(f"{message_type} reply metric {key!r} is not the scalar or number list its allow-list says")
+    site = reply.content.get(SITE_RECORD_KEY, ConfigRecord())
+    if not isinstance(site, ConfigRecord) or set(site.keys()) - allowed.site:
+        raise ReplyNotAllowed(f"{message_type} reply site record has keys outside {sorted(allowed.site)}")
+    if not all(isinstance(value, str) and len(value) <= 200 for value in site.values()):
+        raise ReplyNotAllowed(f"{message_type} reply site record values must be short text")
+    received = message.content.array_records.get("arrays", ArrayRecord())
+    for name in allowed.array_records & set(reply.content.keys()):
+        record = reply.content[name]
+        if not isinstance(record, ArrayRecord):
+            raise ReplyNotAllowed(f"{message_type} reply record {name!r} is not an array record")
+        for key, array in record.items():
+            if key not in received or tuple(array.shape) != tuple(received[key].shape):
+                raise ReplyNotAllowed(f"{message_type} reply tensor {key!r} is not one of the received model's tensors")
+
+
 def site_error_code(error: BaseException) -> str:
     """The fixed code a site sends for `error` (see `shared.protocol.SITE_ERRORS`)."""
+    if isinstance(error, ReplyNotAllowed):
+        return "site-reply-refused"
     if isinstance(error, DataError):
         return "site-data"
     if isinstance(error, ModelError):
@@ -40,16 +106,18 @@ def error_reply(message: Message, error: BaseException) -> Message:
 
 
 def guard_replies(message: Message, context: Context, call_next) -> Message:
-    """Flower mod around every handler: nothing but a fixed error code leaves the site when a handler fails.
+    """Flower mod around every handler: a reply leaves the site only if its allow-list permits all of it.
 
-    Flower itself would send `str(exception)`, which names the site's files (hospital exports
-    are often named by patient or record number).
+    A failing handler or a refused reply sends a fixed
+    error code instead: Flower itself would send `str(exception)`, which names the site's files
+    (hospital exports are often named by patient or record number).
     """
     try:
         reply = call_next(message, context)
+        if reply.has_error():
+            # An inner mod's error reply: its text is as unchecked as an exception's.
+            raise RuntimeError(f"an inner mod replied with error {reply.error.code}: {reply.error.reason}")
+        check_reply(message, reply)
     except Exception as error:  # noqa: BLE001 - every failure must become a fixed code
         return error_reply(message, error)
-    if reply.has_error():
-        # An inner mod's error reply: its text is as unchecked as an exception's.
-        return error_reply(message, RuntimeError(f"an inner mod replied with error {reply.error.code}: {reply.error.reason}"))
     return reply

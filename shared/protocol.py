@@ -1,4 +1,4 @@
-"""Message keys the sites and the server share: what a site reports, what the server asks of it, and its error replies."""
+"""Message keys the sites and the server share: what the server asks of a site, and what a reply may carry (errors included)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,81 @@ GAN_TRAIN_MESSAGE = f"train.{GAN_TRAIN_ACTION}"
 GAN_SYNTHESISE_ACTION = "gan_synthesise"
 """Query action: synthesise and select the site's minority-class images with the sent GAN (they stay at the site)."""
 GAN_SYNTHESISE_MESSAGE = f"query.{GAN_SYNTHESISE_ACTION}"
+RUN_KEY = "run"
+"""GAN-message config key of the run settings (JSON)."""
+ROUND_KEY = "server-round"
+QUALITY_KEY = "quality"
+"""GAN-round config key: measure the Fréchet distance this round (runs without local DP only)."""
+FEATURE_MODEL_KEY = "feature-model"
+FEATURE_CLASSES_KEY = "feature-classes"
 SITE_RECORD_KEY = "site"
 """Reply config record naming the site (and, for training, the precision and device it used)."""
+
+_PRIVATE_TRAINING_METRICS = frozenset({"epsilon", "epsilon-next-round", "delta", "noise-multiplier", "dp-steps"})
+
+
+@dataclass(frozen=True)
+class ReplyAllowList:
+    """What a site's reply to one message type may carry; anything else is refused at the site before it is sent.
+
+    `metrics` may appear in any run; `non_private_metrics` only in runs without local DP (they
+    summarise the real images outside the accounted budget); `private_metrics` only under local
+    DP. Array records may only hold tensors named and shaped like the ones the message brought.
+    """
+
+    metrics: frozenset[str]
+    list_metrics: frozenset[str] = frozenset()
+    """Metrics that are lists of numbers (per class, per class pair, per temperature); all others are scalars."""
+    non_private_metrics: frozenset[str] = frozenset()
+    private_metrics: frozenset[str] = frozenset()
+    site: frozenset[str] = frozenset({"name"})
+    array_records: frozenset[str] = frozenset()
+
+    def metric_keys(self, private: bool) -> frozenset[str]:
+        """Every metric key a reply may carry in a run with (`private`) or without local DP."""
+        return self.metrics | (self.private_metrics if private else self.non_private_metrics)
+
+    def record_names(self) -> frozenset[str]:
+        """The record names a reply may carry: its metrics, its site record and its array records."""
+        return frozenset({"metrics", SITE_RECORD_KEY}) | self.array_records
+
+
+_TRAINED_ON = frozenset({"name", "precision", "device"})
+REPLY_ALLOW_LISTS: dict[str, ReplyAllowList] = {
+    "train": ReplyAllowList(
+        metrics=frozenset({"num-examples", "train-loss", "train-seconds", "images-per-second", "feedback-examples"}),
+        private_metrics=_PRIVATE_TRAINING_METRICS,
+        site=_TRAINED_ON,
+        array_records=frozenset({"arrays"}),
+    ),
+    GAN_TRAIN_MESSAGE: ReplyAllowList(
+        metrics=frozenset({"num-examples", "discriminator-loss", "generator-loss", "train-seconds"}),
+        non_private_metrics=frozenset({"frechet-distance"}),
+        private_metrics=_PRIVATE_TRAINING_METRICS | {"epsilon-next-classifier-round"},
+        site=_TRAINED_ON,
+        array_records=frozenset({"arrays"}),
+    ),
+    "evaluate": ReplyAllowList(
+        metrics=frozenset({
+            "num-examples", "loss", "accuracy", "balanced-accuracy", "macro-auc", "melanoma-sensitivity",
+            "melanoma-specificity", "per-class-auc", "confusion-matrix", VALIDATION_CONFUSION_KEY,
+        }),
+        list_metrics=frozenset({"per-class-auc", "confusion-matrix", VALIDATION_CONFUSION_KEY}),
+    ),
+    CALIBRATE_MESSAGE: ReplyAllowList(
+        metrics=frozenset({"num-examples", NEGATIVE_LOG_LIKELIHOODS_KEY}), list_metrics=frozenset({NEGATIVE_LOG_LIKELIHOODS_KEY})
+    ),
+    BATCH_NORM_MESSAGE: ReplyAllowList(metrics=frozenset({"num-examples"}), array_records=frozenset({"statistics"})),
+    # Synthesis sends totals only: per-class counts (real or added) and the nearest-neighbour
+    # thresholds of the real images stay in the site's own selection report. The rejection counts
+    # say how close generated images came to real ones, so they are not sent from a private run.
+    GAN_SYNTHESISE_MESSAGE: ReplyAllowList(
+        metrics=frozenset({"num-examples", "synthetic-images"}),
+        non_private_metrics=frozenset({"candidates", "rejected-unrealistic", "rejected-memorised", "rejected-near-duplicate"}),
+    ),
+}
+"""The allow-list of every message type a site answers; a type not listed here gets no reply but an error."""
+
 
 @dataclass(frozen=True)
 class SiteErrorCode:

@@ -1,15 +1,17 @@
-"""What a site's error replies carry: a fixed code and a reference, never the file name that failed; the server keeps no more."""
+"""What a site's replies may carry: allow-listed records and keys, and for errors a fixed code, never the file name that failed."""
 
 import json
 import logging
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from PIL import Image
 from site_loopback import LoopbackGrid, server_task_identity
 
 from client.app import create_client_app
+from client.gan_handlers import synthesis_reply_metrics
+from client.reply_guard import guard_replies
 from client.site_source import NodeConfigSite
 from server.gan_phase import _exchange
 from server.screened_grid import ScreenedGrid, screened
@@ -17,7 +19,16 @@ from server.site_reports import request_site_reports
 from shared.config import RoundInstructions, RunConfig
 from shared.errors import SkinFLError
 from shared.models.classifier import build_classifier
-from shared.protocol import INSTRUCTIONS_KEY, SITE_ERRORS, ScreenedSiteError, site_error_reason
+from shared.protocol import (
+    GAN_SYNTHESISE_MESSAGE,
+    GAN_TRAIN_MESSAGE,
+    INSTRUCTIONS_KEY,
+    REPLY_ALLOW_LISTS,
+    RUN_KEY,
+    SITE_ERRORS,
+    ScreenedSiteError,
+    site_error_reason,
+)
 from shared.weights import model_to_arrays
 
 PATIENT_FILE = "DOE_JOHN_MRN4711_1961-03-02.jpg"
@@ -112,3 +123,59 @@ def test_free_error_text_from_an_older_site_or_from_flower_is_dropped_at_the_ser
     assert ScreenedSiteError.of(padded).reason == site_error_reason("site-privacy-policy", "0123456789ab")
     assert set(SITE_ERRORS) >= {"site-data", "site-config", "site-model", "site-internal", "site-reply-refused"}
     assert json.dumps(SITE_ERRORS, default=str)
+
+
+def _guarded(message: Message, records: dict) -> Message:
+    """What leaves the site when a handler answers `message` with `records`."""
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    return guard_replies(message, context, lambda message, context: Message(RecordDict(records), reply_to=message))
+
+
+def _gan_message(private: bool) -> Message:
+    privacy = {"mode": "local", "noise_multiplier": 1.0, "target_delta": 1e-3, "max_grad_norm": 1.0} if private else {"mode": "off"}
+    run = RunConfig.model_validate(_run().model_dump() | {"privacy": privacy, "train": {"balance": "none", "progress": False}})
+    content = RecordDict({
+        "arrays": ArrayRecord({"generator.weight": Array(np.zeros((4, 3), np.float32))}),
+        "config": ConfigRecord({RUN_KEY: run.model_dump_json()}),
+    })
+    return Message(content, dst_node_id=7, message_type=GAN_TRAIN_MESSAGE)
+
+
+def _refused(reply: Message) -> bool:
+    return reply.has_error() and ScreenedSiteError.of(reply.error.reason).code == "site-reply-refused"
+
+
+def test_a_reply_leaves_only_with_what_its_message_types_allow_list_permits():
+    message = _train_message(_run())
+    arrays = message.content["arrays"]
+    good = {"arrays": arrays, "metrics": MetricRecord({"num-examples": 8, "train-loss": 0.5}), "site": ConfigRecord({"name": "clinic-a"})}
+    assert not _guarded(message, good).has_error()
+    assert _refused(_guarded(message, {**good, "metrics": MetricRecord({"num-examples": 8, "patients-over-80": 3})}))
+    assert _refused(_guarded(message, {**good, "metrics": MetricRecord({"num-examples": [8, 9]})}))
+    assert _refused(_guarded(message, {**good, "site": ConfigRecord({"name": "clinic-a", "data-dir": "/exports"})}))
+    assert _refused(_guarded(message, {**good, "extra": ConfigRecord({"name": "x"})}))
+    first = next(iter(arrays.keys()))
+    assert _refused(_guarded(message, {**good, "arrays": ArrayRecord({"pixels": Array(np.zeros((32, 32, 3), np.uint8))})}))
+    reshaped = ArrayRecord({first: Array(np.zeros((1, 2, 3), np.float32))})
+    assert _refused(_guarded(message, {**good, "arrays": reshaped}))
+    # A summary of the real images outside the DP budget: sent from a run without DP only.
+    gan = {"arrays": ArrayRecord({"generator.weight": Array(np.ones((4, 3), np.float32))}),
+           "metrics": MetricRecord({"num-examples": 8, "frechet-distance": 12.5})}
+    assert not _guarded(_gan_message(private=False), gan).has_error()
+    assert _refused(_guarded(_gan_message(private=True), gan))
+    # A message type the protocol does not list gets no reply.
+    unknown = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=7, message_type="query.export")
+    assert _refused(_guarded(unknown, {"metrics": MetricRecord({"num-examples": 1})}))
+
+
+def test_synthesis_sends_totals_only_and_no_rejection_counts_from_a_private_run():
+    report = {"real": {"mel": 5, "nv": 40}, "wanted": {"mel": 15, "nv": 0}, "added": {"mel": 12, "nv": 0}, "candidates": 30,
+              "rejected": {"unrealistic": 8, "memorised": 1, "near_duplicate": 9},
+              "thresholds": {"memorisation": 0.1, "duplicate": 0.1, "real_nn_percentiles": [0.1, 0.2]}}
+    assert synthesis_reply_metrics(report, private=False) == {
+        "num-examples": 45, "synthetic-images": 12, "candidates": 30,
+        "rejected-unrealistic": 8, "rejected-memorised": 1, "rejected-near-duplicate": 9,
+    }
+    assert synthesis_reply_metrics(report, private=True) == {"num-examples": 45, "synthetic-images": 12}
+    allowed = REPLY_ALLOW_LISTS[GAN_SYNTHESISE_MESSAGE]
+    assert set(synthesis_reply_metrics(report, private=False)) == allowed.metric_keys(private=False)
