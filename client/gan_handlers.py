@@ -12,7 +12,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.privacy_round import ledger_id_of
+from client.privacy_round import open_site_ledger
 from shared.config import ModelConfig, RunConfig
 from shared.data.cache import CachedImages
 from shared.device import resolve_device
@@ -24,7 +24,7 @@ from shared.gan.quality import frechet_distance
 from shared.gan.training import at_gan_resolution, generate, to_uint8_hwc, train_gan_locally
 from shared.local_training import site_round_seed
 from shared.models.classifier import build_classifier
-from shared.privacy.accounting import PrivacyLedger, RoundSchedule
+from shared.privacy.accounting import RoundSchedule
 from shared.privacy.gan_training import train_gan_privately
 from shared.privacy.training import private_train_metrics
 from shared.protocol import (
@@ -141,7 +141,7 @@ def register_gan_handlers(app: ClientApp, source) -> None:
         seed = _site_seed(run, server_round, site.name)
         metrics = {}
         if run.privacy.local:
-            ledger = PrivacyLedger.open(source.privacy_state_dir(context), site.name, ledger_id_of(message, context), run.privacy.target_delta)
+            ledger = open_site_ledger(source, context, message, site.name, run)
             result = train_gan_privately(
                 generator, discriminator, train_images, run=run, ledger=ledger, server_round=server_round, device=device, seed=seed
             )

@@ -1,4 +1,4 @@
-"""The last step before a reply leaves a site: only what the protocol allow-lists, and errors as fixed codes whose text stays here."""
+"""The site's gate around every handler: its privacy policy first, then only allow-listed replies, and errors as fixed codes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pydantic import ValidationError
 
 from shared.config import RoundInstructions, RunConfig
 from shared.errors import ConfigError, DataError, ModelError, SkinFLError
+from shared.privacy.accounting import PrivacyBudgetExceeded, PrivacyLedgerError
+from shared.privacy.site_policy import PrivacyPolicyRefused, SitePrivacyPolicy
 from shared.protocol import INSTRUCTIONS_KEY, REPLY_ALLOW_LISTS, RUN_KEY, SITE_RECORD_KEY, site_error_reason
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,12 @@ def site_error_code(error: BaseException) -> str:
     """The fixed code a site sends for `error` (see `shared.protocol.SITE_ERRORS`)."""
     if isinstance(error, ReplyNotAllowed):
         return "site-reply-refused"
+    if isinstance(error, PrivacyPolicyRefused):
+        return "site-privacy-policy"
+    if isinstance(error, PrivacyBudgetExceeded):
+        return "site-privacy-budget"
+    if isinstance(error, PrivacyLedgerError):
+        return "site-privacy-ledger"
     if isinstance(error, DataError):
         return "site-data"
     if isinstance(error, ModelError):
@@ -108,11 +116,18 @@ def error_reply(message: Message, error: BaseException) -> Message:
 def guard_replies(message: Message, context: Context, call_next) -> Message:
     """Flower mod around every handler: a reply leaves the site only if its allow-list permits all of it.
 
-    A failing handler or a refused reply sends a fixed
+    A failing handler, a run the site's privacy policy refuses, or a refused reply sends a fixed
     error code instead: Flower itself would send `str(exception)`, which names the site's files
     (hospital exports are often named by patient or record number).
     """
     try:
+        # The site's own policy, before any of the run's steps (data loading included).
+        policy = SitePrivacyPolicy.from_node_config(context.node_config)
+        run = run_of_message(message)
+        if run is None and policy != SitePrivacyPolicy():
+            raise PrivacyPolicyRefused(f"{message.metadata.message_type} names no run settings, so the site's privacy policy cannot be checked")
+        if run is not None:
+            policy.check(run)
         reply = call_next(message, context)
         if reply.has_error():
             # An inner mod's error reply: its text is as unchecked as an exception's.

@@ -33,6 +33,10 @@ QUALITY_KEY = "quality"
 """GAN-round config key: measure the Fréchet distance this round (runs without local DP only)."""
 FEATURE_MODEL_KEY = "feature-model"
 FEATURE_CLASSES_KEY = "feature-classes"
+LEDGER_KEY = "privacy-ledger"
+"""Train-config key naming the run whose privacy ledger a site continues (the run folder's name)."""
+PRIVATE_SITES_KEY = "privacy-sites-recorded"
+"""Train-config key: JSON list of the sites the coordinator's privacy records show trained privately in this run."""
 SITE_RECORD_KEY = "site"
 """Reply config record naming the site (and, for training, the precision and device it used)."""
 
@@ -117,6 +121,8 @@ SITE_ERRORS = {
         SiteErrorCode("site-config", "the run's or the site's settings cannot be used at this site"),
         SiteErrorCode("site-model", "the site could not use the model it was sent"),
         SiteErrorCode("site-privacy-policy", "the run asks for more than the site's privacy policy allows"),
+        SiteErrorCode("site-privacy-budget", "the round would take the site past the run's epsilon budget"),
+        SiteErrorCode("site-privacy-ledger", "the site's privacy ledger of this run is missing or unreadable"),
         SiteErrorCode("site-out-of-memory", "the site ran out of memory"),
         SiteErrorCode("site-reply-refused", "the site's reply held something its allow-list does not permit, so none was sent"),
         SiteErrorCode("site-internal", "the site hit an unexpected error"),

@@ -23,6 +23,10 @@ class PrivacyBudgetExceeded(SkinFLError):
     """Training would spend more epsilon than the run's budget allows."""
 
 
+class PrivacyLedgerError(ConfigError):
+    """A site's privacy ledger of a run is missing or unreadable where it must exist; training stops rather than count from zero."""
+
+
 def gan_round_label(server_round: int) -> str:
     """How a GAN round is named in a site's privacy ledger and privacy.json (classifier rounds are plain numbers)."""
     return f"gan-{server_round}"
@@ -152,16 +156,26 @@ class PrivacyLedger:
     rounds: list[dict] = field(default_factory=list)
 
     @classmethod
-    def open(cls, state_dir: Path, site: str, ledger_id: str, delta: float) -> PrivacyLedger:
-        """The ledger of `site` for the run `ledger_id` under `state_dir` (empty when the run is new)."""
+    def open(cls, state_dir: Path, site: str, ledger_id: str, delta: float, *, must_exist: bool = False) -> PrivacyLedger:
+        """The ledger of `site` for the run `ledger_id` under `state_dir` (empty when the run is new).
+
+        `must_exist`: the coordinator's records show this site already trained privately in the
+        run, so a missing file is an error (a wiped or restored disk must not reset the budget).
+        """
         safe = lambda text: re.sub(r"[^A-Za-z0-9._-]+", "_", text)  # noqa: E731 - one-line file-name filter
         path = Path(state_dir) / safe(site) / f"{safe(ledger_id)}.json"
         if not path.exists():
+            if must_exist:
+                raise PrivacyLedgerError(
+                    f"privacy ledger {path} is missing, but the coordinator's records show site {site!r} already trained "
+                    f"privately in run {ledger_id!r}; restore the file from a backup (or point the node config's "
+                    "privacy-dir at the folder that holds it); the budget is not restarted from zero"
+                )
             return cls(path, site, delta)
         try:
             payload = json.loads(path.read_text())
         except (OSError, ValueError) as error:
-            raise ConfigError(
+            raise PrivacyLedgerError(
                 f"privacy ledger {path} is unreadable ({error}); it records the budget this site already spent, so "
                 "training stops rather than restart the count; restore the file from a backup"
             ) from error
