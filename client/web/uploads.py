@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
-import os
 import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+
+from shared.durable_files import write_bytes_atomically
 
 ACCEPTED_FORMATS = {"JPEG": ".jpg", "PNG": ".png"}
 """Formats the web app accepts, and the extension it stores each under."""
@@ -93,13 +94,5 @@ def store_upload(images_dir: Path, case_id: str, upload: CheckedUpload) -> Path:
     """Write the upload's bytes unchanged to `<images_dir>/<case_id>.<ext>` (atomically, owner-only)."""
     images_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     target = images_dir / f"{case_id}{upload.extension}"
-    temporary = images_dir / f".{case_id}.tmp"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(upload.data)
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_bytes_atomically(target, upload.data, mode=0o600)
     return target

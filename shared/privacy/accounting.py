@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from shared.config import PrivacyConfig, RunConfig
+from shared.durable_files import write_json_atomically
 from shared.errors import ConfigError, SkinFLError
 
 LEDGER_FORMAT = "skin-fl-privacy-ledger"
@@ -212,9 +212,6 @@ class PrivacyLedger:
         return self.rounds[-1]["epsilon"]
 
     def save(self) -> None:
-        """Write the ledger atomically."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        """Write the ledger crash-safely (flushed to disk before the round's reply leaves the site)."""
         payload = {"format": LEDGER_FORMAT, "site": self.site, "delta": self.delta, "rounds": self.rounds}
-        temporary.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(temporary, self.path)
+        write_json_atomically(self.path, payload, allow_nan=True)
