@@ -32,18 +32,14 @@ def run_of_message(message: Message) -> RunConfig | None:
     return None
 
 
-def run_is_private(message: Message) -> bool:
-    """Whether the message's run trains under local DP; a message naming no run counts as private (the stricter list)."""
-    run = run_of_message(message)
-    return True if run is None else run.privacy.local
-
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_reply(message: Message, reply: Message) -> None:
+def check_reply(message: Message, reply: Message, *, private: bool) -> None:
     """Raise ReplyNotAllowed unless `reply` holds only what its message type's allow-list permits.
+
+    `private`: the run trains under local DP (or names no run): the stricter metric list applies.
 
     Metric keys must be listed (scalars, or lists of numbers where the list says so); the site
     record holds listed keys with short text; array records hold only tensors named and shaped
@@ -59,7 +55,7 @@ def check_reply(message: Message, reply: Message) -> None:
     metrics = reply.content.get("metrics")
     if not isinstance(metrics, MetricRecord):
         raise ReplyNotAllowed(f"{message_type} reply has no metric record 'metrics'")
-    extra_metrics = set(metrics.keys()) - allowed.metric_keys(run_is_private(message))
+    extra_metrics = set(metrics.keys()) - allowed.metric_keys(private)
     if extra_metrics:
         raise ReplyNotAllowed(f"{message_type} reply has metrics {sorted(extra_metrics)} outside its allow-list")
     for key, value in metrics.items():
@@ -132,7 +128,7 @@ def guard_replies(message: Message, context: Context, call_next) -> Message:
         if reply.has_error():
             # An inner mod's error reply: its text is as unchecked as an exception's.
             raise RuntimeError(f"an inner mod replied with error {reply.error.code}: {reply.error.reason}")
-        check_reply(message, reply)
+        check_reply(message, reply, private=run is None or run.privacy.local)
     except Exception as error:  # noqa: BLE001 - every failure must become a fixed code
         return error_reply(message, error)
     return reply
