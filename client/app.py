@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 from client.gan_handlers import register_gan_handlers
 from client.model_queries import register_model_queries
 from client.received import receive, round_training_images
+from client.reply_guard import guard_replies
 from client.site_source import NodeConfigSite, SimulationSites
 from shared.data.feedback import feedback_summary
 from shared.local_training import evaluate_on_images, precision_for, site_round_seed, train_on_images
@@ -54,7 +55,7 @@ def evaluation_metric_record(metrics: dict, validation: dict | None = None) -> M
 def create_client_app(site_source: SimulationSites | NodeConfigSite | None = None) -> ClientApp:
     """A ClientApp reading its site from a simulation manifest, or from the node config."""
     source = site_source if site_source is not None else NodeConfigSite()
-    app = ClientApp()
+    app = ClientApp(mods=[guard_replies])
 
     @app.train()
     def train(message: Message, context: Context) -> Message:

@@ -15,18 +15,9 @@ from flwr.clientapp import ClientApp
 
 from shared.config import RunConfig
 from shared.data.cache import CachedImages
+from shared.protocol import GAN_SYNTHESISE_ACTION, GAN_TRAIN_ACTION
 from shared.site_names import safe_site_name
 
-GAN_TRAIN_ACTION = "gan"
-GAN_SYNTHESISE_ACTION = "gan_synthesise"
-GAN_TRAIN_MESSAGE = f"train.{GAN_TRAIN_ACTION}"
-GAN_SYNTHESISE_MESSAGE = f"query.{GAN_SYNTHESISE_ACTION}"
-RUN_KEY = "run"
-ROUND_KEY = "server-round"
-QUALITY_KEY = "quality"
-FEATURE_MODEL_KEY = "feature-model"
-FEATURE_CLASSES_KEY = "feature-classes"
-REPORT_KEY = "report"
 DEFAULT_SYNTHETIC_ROOT = Path.home() / ".cache" / "skin-fl" / "synthetic"
 
 
@@ -56,6 +47,25 @@ def synthetic_set_path(source, context: Context, site_name: str, run: RunConfig)
         root = Path(str(cache_dir)) / "synthetic" if cache_dir else DEFAULT_SYNTHETIC_ROOT
     safe_site = safe_site_name(site_name)
     return root / safe_site / f"{synthetic_set_tag(run)}.npz"
+
+
+def selection_report_path(synthetic_path: Path) -> Path:
+    """The site-local selection report beside a synthetic set: per-class real, wanted and added counts, rejections, thresholds."""
+    return synthetic_path.with_suffix(".selection.json")
+
+
+def synthesis_reply_metrics(report: dict, *, private: bool) -> dict[str, int]:
+    """The totals a site sends after synthesis (see the allow-list of `query.gan_synthesise` in shared/protocol).
+
+    A private run sends only the number of synthetic images it added (the coordinator can
+    tell it from the training counts anyway); a run without DP adds the candidate and
+    rejection totals.
+    """
+    metrics = {"num-examples": sum(report["real"].values()), "synthetic-images": sum(report["added"].values())}
+    if not private and "rejected" in report:
+        metrics["candidates"] = int(report["candidates"])
+        metrics.update({f"rejected-{reason.replace('_', '-')}": int(count) for reason, count in report["rejected"].items()})
+    return metrics
 
 
 def site_training_images(source, context: Context, site, run: RunConfig) -> CachedImages:

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.gan_handlers import (
-    FEATURE_CLASSES_KEY,
-    FEATURE_MODEL_KEY,
-    QUALITY_KEY,
-    REPORT_KEY,
-    ROUND_KEY,
-    RUN_KEY,
-    synthetic_set_path,
-)
-from client.privacy_round import ledger_id_of
+from client.gan_handlers import selection_report_path, synthesis_reply_metrics, synthetic_set_path
+from client.privacy_round import open_site_ledger
 from shared.config import ModelConfig, RunConfig
 from shared.data.cache import CachedImages
 from shared.device import resolve_device
@@ -28,9 +18,11 @@ from shared.gan.quality import frechet_distance
 from shared.gan.training import at_gan_resolution, generate, to_uint8_hwc, train_gan_locally
 from shared.local_training import site_round_seed
 from shared.models.classifier import build_classifier
-from shared.privacy.accounting import PrivacyLedger, RoundSchedule
+from shared.privacy.accounting import RoundSchedule
 from shared.privacy.gan_training import train_gan_privately
 from shared.privacy.training import private_train_metrics
+from shared.durable_files import write_json_atomically
+from shared.protocol import FEATURE_CLASSES_KEY, FEATURE_MODEL_KEY, QUALITY_KEY, ROUND_KEY, RUN_KEY
 from shared.weights import load_arrays_into
 
 QUALITY_SAMPLES = 256
@@ -78,7 +70,7 @@ def train_gan_round(message: Message, context: Context, source) -> Message:
     seed = _site_seed(run, server_round, site.name)
     metrics = {}
     if run.privacy.local:
-        ledger = PrivacyLedger.open(source.privacy_state_dir(context), site.name, ledger_id_of(message, context), run.privacy.target_delta)
+        ledger = open_site_ledger(source, context, message, site.name, run)
         result = train_gan_privately(
             generator, discriminator, train_images, run=run, ledger=ledger, server_round=server_round, device=device, seed=seed
         )
@@ -107,7 +99,7 @@ def train_gan_round(message: Message, context: Context, source) -> Message:
 
 
 def synthesise_for_message(message: Message, context: Context, source) -> Message:
-    """Sample, select and keep the site's synthetic minority-class images; the reply carries their counts only."""
+    """Sample, select and keep the site's synthetic minority-class images; the reply carries totals only."""
     config = message.content["config"]
     run = RunConfig.from_coordinator(str(config[RUN_KEY]))
     site = source.load(context, run)
@@ -118,13 +110,16 @@ def synthesise_for_message(message: Message, context: Context, source) -> Messag
         generator, discriminator, feature_model_from(message), train_images,
         config=run.gan, image_size=run.preprocess.image_size, seed=_site_seed(run, 0, site.name),
     )
-    save_synthetic(synthetic_set_path(source, context, site.name, run), synthesis)
+    synthetic_path = synthetic_set_path(source, context, site.name, run)
+    save_synthetic(synthetic_path, synthesis)
     report = synthesis.report()
     report["real"] = {name: int(count) for name, count in zip(run.classes, train_images.class_counts())}
+    # Per-class counts and the real images' nearest-neighbour thresholds stay here, in the site's own report.
+    write_json_atomically(selection_report_path(synthetic_path), report)
     reply = RecordDict(
         {
-            "metrics": MetricRecord({"num-examples": len(train_images), "synthetic-images": int(len(synthesis.images))}),
-            "site": ConfigRecord({"name": site.name, REPORT_KEY: json.dumps(report)}),
+            "metrics": MetricRecord(synthesis_reply_metrics(report, private=run.privacy.local)),
+            "site": ConfigRecord({"name": site.name}),
         }
     )
     return Message(reply, reply_to=message)

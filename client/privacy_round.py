@@ -6,9 +6,11 @@ from collections.abc import Callable
 
 from flwr.app import Context, Message
 
-from server.privacy_budget import LEDGER_KEY
+import json
+
 from shared.config import RunConfig
 from shared.privacy.accounting import PrivacyLedger
+from shared.protocol import LEDGER_KEY, PRIVATE_SITES_KEY
 from shared.privacy.training import PrivateTrainResult, train_privately
 
 
@@ -18,11 +20,20 @@ def ledger_id_of(message: Message, context: Context) -> str:
     return str(config[LEDGER_KEY]) if LEDGER_KEY in config else f"flower-run-{context.run_id}"
 
 
+def open_site_ledger(source, context: Context, message: Message, site: str, run: RunConfig) -> PrivacyLedger:
+    """This site's ledger of the message's run, in the site's own privacy folder; must exist when the coordinator saw it train privately."""
+    config = message.content["config"]
+    recorded = json.loads(str(config[PRIVATE_SITES_KEY])) if PRIVATE_SITES_KEY in config else []
+    return PrivacyLedger.open(
+        source.privacy_state_dir(context), site, ledger_id_of(message, context), run.privacy.target_delta, must_exist=site in recorded
+    )
+
+
 def private_round_trainer(
     source, context: Context, message: Message, site: str, run: RunConfig, server_round: int
 ) -> Callable[..., PrivateTrainResult]:
     """A trainer with `train_on_images`'s call signature that runs the round under DP-SGD and records it."""
-    ledger = PrivacyLedger.open(source.privacy_state_dir(context), site, ledger_id_of(message, context), run.privacy.target_delta)
+    ledger = open_site_ledger(source, context, message, site, run)
 
     def train(model, images, *, config, device, precision, learning_rate_start, learning_rate_end, seed, global_arrays=None, description="train"):
         # `config` is run.train and `global_arrays` only feeds FedProx, which the run settings exclude under DP.

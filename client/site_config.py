@@ -17,6 +17,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from shared.config import DATA_FORMATS, StrictModel
 from shared.errors import ConfigError
+from shared.privacy.site_policy import SitePrivacyPolicy
 
 DEFAULT_SUPERNODE_PORT = 9094
 """Flower's default port of the SuperNode's local runtime API; two sites on one machine need two."""
@@ -80,6 +81,9 @@ class SiteSettings(SiteFileModel):
     )
     sites_on_host: int = Field(1, ge=1, description="skin-fl sites (SuperNodes) sharing this machine, so threads = auto shares the CPUs out.")
     reconnect: ReconnectSettings = Field(default_factory=ReconnectSettings)
+    privacy: SitePrivacyPolicy = Field(
+        default_factory=SitePrivacyPolicy, description="The site's own privacy policy (maximum epsilon, required privacy mode)."
+    )
 
     @field_validator("threads")
     @classmethod
@@ -218,16 +222,18 @@ def toml_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=True).replace("\x7f", "\\u007f")
 
 
-def _toml_value(value: str | bool | int) -> str:
+def _toml_value(value: str | bool | int | float) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value) if isinstance(value, int) else toml_string(value)
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value)) if isinstance(value, float) else toml_string(value)
 
 
 def node_config_toml(settings: SiteSettings, data_format: str) -> str:
     """The SuperNode's node config as TOML: what the ClientApp reads (site, data-dir, format, ...)."""
     data = settings.data
-    values: dict[str, str | bool | int] = {
+    values: dict[str, str | bool | int | float] = {
         "site": settings.site,
         "data-dir": str(Path(data.dir).expanduser().resolve()),
         "format": data_format,
@@ -238,6 +244,7 @@ def node_config_toml(settings: SiteSettings, data_format: str) -> str:
         values["cache-dir"] = str(Path(data.cache_dir).expanduser().resolve())
     if data.feedback_store is not None:
         values["feedback-store"] = str(Path(data.feedback_store).expanduser().resolve())
+    values.update(settings.privacy.node_config())
     lines = ["# Written by skin-fl-client: the node config the SuperNode hands to the skin-fl ClientApp."]
     lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"

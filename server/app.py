@@ -14,11 +14,13 @@ from flwr.serverapp import Grid, ServerApp
 from server.calibration import calibrate_handed_on_model
 from server.checkpoint import CheckpointWriter
 from server.gan_phase import feature_classifier_for, run_gan_phase
-from server.history import MetricHistory, write_json_atomically
+from server.history import MetricHistory
+from shared.durable_files import write_json_atomically
 from server.model_selection import best_validation_round
 from server.site_reports import request_site_reports
 from server.privacy_budget import budget_stop_metadata
 from server.run_stop import start_until_stopped
+from server.screened_grid import ScreenedGrid
 from server.plots import plot_history
 from server.resume import find_resume_point, gan_phase_needed, note_resume, restore_history
 from server.run_config_file import RESUME_KEY
@@ -54,6 +56,7 @@ def run_federation(
     With `resume_folder` the run continues that folder after its last completed round, with the
     folder's own settings, weights and history (`run` and `run_folder` are then not used).
     """
+    grid = ScreenedGrid(grid)
     resume = find_resume_point(resume_folder) if resume_folder is not None else None
     if resume is not None:
         note_resume(resume, submitted=run)

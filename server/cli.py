@@ -13,6 +13,7 @@ from pathlib import Path
 
 from server.deployment import (
     CONNECTION_NAME,
+    LOOPBACK,
     DeploymentError,
     ServerState,
     StateLayout,
@@ -61,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     start = commands.add_parser("start", help="start the SuperLink and the nginx proxy (foreground; Ctrl-C stops)")
     start.add_argument("--credentials", type=Path, help="the folder written by skin-fl-certs (ca.crt, server.crt/key, sites/*.pub)")
-    start.add_argument("--host", default="0.0.0.0", help="address nginx listens on for the sites (default 0.0.0.0)")
+    start.add_argument(
+        "--host", help="address nginx listens on for the sites (default 0.0.0.0; with --insecure 127.0.0.1, the only one allowed)"
+    )
     start.add_argument("--port", type=int, default=DEFAULT_PUBLIC_PORT, help=f"public port for the sites (default {DEFAULT_PUBLIC_PORT})")
     start.add_argument(
         "--superlink-port",
@@ -126,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _start(args: argparse.Namespace, layout: StateLayout) -> int:
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    args.host = args.host or (LOOPBACK if args.insecure else "0.0.0.0")
     coordinator = prepare_coordinator(
         layout.root, args.credentials, args.host, args.port, args.superlink_port, args.nginx, args.insecure,
         say=lambda text: print(text, flush=True),

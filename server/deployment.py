@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import os
 import signal
@@ -482,6 +483,15 @@ def _spawn(command: list[str], environment: dict[str, str], log_path: Path, cwd:
         return subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, stdin=subprocess.DEVNULL)
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def prepare_coordinator(
     state_dir: Path,
     credentials_dir: Path | None,
@@ -493,6 +503,11 @@ def prepare_coordinator(
     say: Callable[[str], None] = print,
 ) -> Coordinator:
     """Check every input (credentials, ports, nginx) before anything starts; returns the ready Coordinator."""
+    if insecure and not _is_loopback(public_host):
+        raise ConfigError(
+            f"--insecure (no TLS, no node authentication) listens on loopback only, not on {public_host}; "
+            "drop --host, or run with --credentials for other machines to connect"
+        )
     credentials = None if insecure else check_credentials(credentials_dir) if credentials_dir else None
     if credentials is None and not insecure:
         raise ConfigError("--credentials FOLDER is required (the folder skin-fl-certs wrote); --insecure is for local development only.")

@@ -14,17 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
 
-from client.gan_handlers import (
-    FEATURE_CLASSES_KEY,
-    FEATURE_MODEL_KEY,
-    GAN_SYNTHESISE_MESSAGE,
-    GAN_TRAIN_MESSAGE,
-    QUALITY_KEY,
-    REPORT_KEY,
-    ROUND_KEY,
-    RUN_KEY,
-)
-from server.history import write_json_atomically
+from shared.durable_files import replaced_atomically, write_json_atomically
 from server.privacy_budget import PrivacyBudget
 from server.strategy import site_name_of
 from shared.config import RunConfig
@@ -39,6 +29,15 @@ from shared.gan.models import (
     save_gan,
 )
 from shared.gan.quality import save_class_grid
+from shared.protocol import (
+    FEATURE_CLASSES_KEY,
+    FEATURE_MODEL_KEY,
+    GAN_SYNTHESISE_MESSAGE,
+    GAN_TRAIN_MESSAGE,
+    QUALITY_KEY,
+    ROUND_KEY,
+    RUN_KEY,
+)
 
 logger = logging.getLogger(__name__)
 GAN_FOLDER = "gan"
@@ -173,26 +172,33 @@ def synthesise_at_sites(grid, run, run_folder, generator, discriminator, classif
         }
     )
     replies = _exchange(grid, run, nodes, content, GAN_SYNTHESISE_MESSAGE, "gan-synthesis")
-    reports = {site_name_of(reply): json.loads(str(reply.content["site"][REPORT_KEY])) for reply in replies}
+    reports = {site_name_of(reply): dict(reply.content["metrics"]) for reply in replies}
     if len(replies) < len(nodes):
         raise SkinFLError(
             f"only {len(replies)} of {len(nodes)} sites synthesised their images; the others cannot train augmented. "
             "Fix the failing sites (see their logs) and rerun"
         )
-    write_synthetic_counts(Path(run_folder), run.classes, reports)
+    write_synthetic_counts(Path(run_folder), reports)
     return reports
 
 
-def write_synthetic_counts(run_folder: Path, classes: list[str], reports: dict[str, dict]) -> Path:
-    """`synthetic_counts.csv` (real and synthetic training images per site and class) and `gan/selection.json`."""
+SYNTHETIC_COUNT_COLUMNS = (
+    "num-examples", "synthetic-images", "candidates", "rejected-unrealistic", "rejected-memorised", "rejected-near-duplicate"
+)
+
+
+def write_synthetic_counts(run_folder: Path, reports: dict[str, dict]) -> Path:
+    """`synthetic_counts.csv` (each site's real and synthetic training images, candidates, rejections) and `gan/selection.json`.
+
+    Sites send totals only (per-class counts stay in each site's own selection report), and a
+    private run sends no candidate or rejection counts: those cells stay empty.
+    """
     path = run_folder / SYNTHETIC_COUNTS_FILE
-    with open(path, "w", newline="") as handle:
+    with replaced_atomically(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["site", "kind", *classes, "total"])
+        writer.writerow(["site", *(column.replace("num-examples", "real-images") for column in SYNTHETIC_COUNT_COLUMNS)])
         for site, report in sorted(reports.items()):
-            for kind, key in (("real", "real"), ("synthetic", "added")):
-                counts = [int(report[key].get(name, 0)) for name in classes]
-                writer.writerow([site, kind, *counts, sum(counts)])
+            writer.writerow([site, *(int(report[column]) if column in report else "" for column in SYNTHETIC_COUNT_COLUMNS)])
     write_json_atomically(run_folder / GAN_FOLDER / "selection.json", reports)
     return path
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
+
+from shared.durable_files import replaced_atomically, write_json_atomically
 
 
 def _finite_or_none(value):
@@ -15,13 +16,6 @@ def _finite_or_none(value):
     if isinstance(value, list):
         return [_finite_or_none(item) for item in value]
     return value
-
-
-def write_json_atomically(path: Path, payload) -> None:
-    """Write JSON through a temporary file so a crash never leaves a half-written file."""
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n")
-    os.replace(temporary, path)
 
 
 class MetricHistory:
@@ -134,12 +128,10 @@ class MetricHistory:
         columns: list[str] = []
         for row in rows:
             columns.extend(key for key in row if key not in columns)
-        temporary = path.with_suffix(".csv.tmp")
-        with temporary.open("w", newline="") as handle:
+        with replaced_atomically(path) as temporary, temporary.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(temporary, path)
 
 
 def _participants(entry: dict) -> dict:

@@ -56,7 +56,7 @@ class ProxySettings:
 def fleet_paths_in_template(template: str | None = None) -> list[str]:
     """The Fleet API endpoint names the template forwards (the rest of the SuperLink is refused)."""
     text = template if template is not None else TEMPLATE_PATH.read_text(encoding="utf-8")
-    match = re.search(r"location ~ \^/v1/fleet/\(([a-z|-]+)\)\$", text)
+    match = re.search(r'if \(\$request_uri !~ "\^/v1/fleet/\(([a-z|-]+)\)\$"\)', text)
     if match is None:
         raise ConfigError(f"{TEMPLATE_PATH} has no Fleet API location; restore it from deploy/nginx/.")
     return match.group(1).split("|")
@@ -151,7 +151,8 @@ def _tls_server_settings(settings: ProxySettings) -> str:
         [
             f"        ssl_certificate {settings.server_cert};",
             f"        ssl_certificate_key {settings.server_key};",
-            "        ssl_protocols TLSv1.2 TLSv1.3;",
+            # TLS 1.3 only: every suite is AEAD (no CBC-SHA1 of TLS 1.2); gRPC clients speak it.
+            "        ssl_protocols TLSv1.3;",
             "        ssl_prefer_server_ciphers off;",
             "        ssl_session_cache shared:skin_fl_tls:1m;",
         ]

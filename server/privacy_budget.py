@@ -9,14 +9,14 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from server.history import MetricHistory, write_json_atomically
+from server.history import MetricHistory
+from shared.durable_files import write_json_atomically
 from server.run_stop import RunStopped
 from shared.config import RunConfig
 from shared.errors import SkinFLError
 from shared.privacy.accounting import gan_round_label
+from shared.protocol import LEDGER_KEY, PRIVATE_SITES_KEY
 
-LEDGER_KEY = "privacy-ledger"
-"""Train-config key naming the run whose privacy ledger a site continues (the run folder's name)."""
 PRIVACY_FILE = "privacy.json"
 logger = logging.getLogger(__name__)
 
@@ -93,11 +93,16 @@ class PrivacyBudget:
         """The largest epsilon a site would have spent after one more round of its schedule."""
         return max((site["epsilon_next_round"] for site in self.sites.values()), default=0.0)
 
+    def _name_ledger(self, config: ConfigRecord) -> None:
+        """Name the run's ledger and the sites whose private rounds this run records (their ledgers must exist)."""
+        config[LEDGER_KEY] = self.ledger_id
+        config[PRIVATE_SITES_KEY] = json.dumps(sorted(self.sites))
+
     def before_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> None:
         """Name the ledger for the sites and raise PrivacyBudgetReached when round `server_round` would pass the budget."""
         if not self.run.privacy.local:
             return
-        config[LEDGER_KEY] = self.ledger_id
+        self._name_ledger(config)
         budget = self.run.privacy.target_epsilon
         if budget is None or not self.sites:
             return
@@ -118,7 +123,7 @@ class PrivacyBudget:
         """Name the ledger for the sites; the reason to end the GAN phase when round `server_round` would pass the budget."""
         if not self.run.privacy.local:
             return None
-        config[LEDGER_KEY] = self.ledger_id
+        self._name_ledger(config)
         budget = self.run.privacy.target_epsilon
         following = {name: site["epsilon_next_gan_round"] for name, site in self.sites.items() if "epsilon_next_gan_round" in site}
         if budget is None or not following:

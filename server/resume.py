@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from server.history import MetricHistory, write_json_atomically
+from server.history import MetricHistory
+from shared.durable_files import write_json_atomically
 from shared.config import RunConfig
-from shared.errors import ConfigError, SkinFLError
+from shared.errors import ConfigError, ModelError, SkinFLError
 from shared.models.classifier import load_classifier
 from shared.weights import model_to_arrays
 
@@ -32,6 +33,8 @@ class ResumePoint:
     history_rounds: list[dict]
     arrays: dict[str, np.ndarray] | None
     """Global weights after the last completed round; None when no round completed (start afresh)."""
+    unloadable_checkpoints: list[int] = field(default_factory=list)
+    """Newer rounds whose checkpoint did not load (cut short by a crash); they run again."""
 
     @property
     def remaining_rounds(self) -> int:
@@ -77,8 +80,7 @@ def read_history_rounds(run_folder: Path) -> list[dict]:
         rounds = json.loads(path.read_text(encoding="utf-8"))["rounds"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ConfigError(
-            f"{path} is damaged ({error}); it is written atomically, so it was edited by hand: restore it "
-            "or start a new run."
+            f"{path} is damaged ({error}); restore it from a backup or start a new run."
         ) from error
     return sorted(rounds, key=lambda entry: entry["round"])
 
@@ -109,18 +111,31 @@ def find_resume_point(run_folder: Path) -> ResumePoint:
             f"{run_folder} already finished all {run.federation.rounds} rounds; there is nothing to resume. "
             "Start a new run to train further."
         )
-    arrays = None
-    if completed:
+    arrays, unloadable = None, []
+    while completed:
         checkpoint = run_folder / "checkpoints" / f"round_{completed:03d}.pt"
-        model, saved = load_classifier(checkpoint)
+        try:
+            model, saved = load_classifier(checkpoint)
+        except ModelError as error:
+            # A power loss can leave the newest checkpoint empty or cut short: go back to one that loads.
+            unloadable.append(completed)
+            logger.warning("resume: the checkpoint of round %d does not load (%s); trying round %d", completed, error, completed - 1)
+            completed -= 1
+            continue
         if saved.classes != run.classes or saved.model_name != run.model.name:
             raise ConfigError(
                 f"{checkpoint} holds a {saved.model_name} for classes {saved.classes}, but {run_folder}/config.json "
                 f"describes a {run.model.name} for {run.classes}; the folder mixes two runs, start a new run."
             )
         arrays = model_to_arrays(model)
+        break
+    if unloadable:
+        logger.warning(
+            "resume: checkpoints of round(s) %s do not load; the run continues after round %d, the newest checkpoint "
+            "that loads (rounds after it run again)", ", ".join(map(str, unloadable)), completed,
+        )
     kept = [entry for entry in rounds if entry["round"] <= completed]
-    return ResumePoint(run_folder, run, completed, kept, arrays)
+    return ResumePoint(run_folder, run, completed, kept, arrays, unloadable)
 
 
 def restore_history(point: ResumePoint) -> MetricHistory:

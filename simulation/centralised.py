@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.history import write_json_atomically
+from shared.durable_files import write_json_atomically
 from shared.config import RunConfig
 from shared.data.cache import CachedImages, concatenate
 from shared.device import resolve_device

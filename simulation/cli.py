@@ -248,7 +248,8 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
     from client.app import create_client_app
     from client.site_source import SimulationSites
     from server.app import create_server_app, new_run_folder
-    from server.history import MetricHistory, write_json_atomically
+    from server.history import MetricHistory
+    from shared.durable_files import write_json_atomically
     from shared.device import default_image_size, resolve_device
     from simulation.centralised import train_centralised
     from simulation.report import format_result_table, handed_on_model, site_metrics_from_flower

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from simulation.cli import build_parser, run_simulation_command
+from simulation.gan_options import rejection_summary
 
 DEFAULT_DATA = Path(os.environ.get("SKIN_FL_HAM10000_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"))
 RARE_CLASSES = ("df", "vasc", "akiec")
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Synthetic images added per site (arm d):",
         synthetic_counts.rstrip(),
-        "Rejections per site: " + "; ".join(f"{site} {report.get('rejected', {})}" for site, report in sorted(selection.items())),
+        "Rejections per site: " + "; ".join(f"{site} {rejection_summary(report)}" for site, report in sorted(selection.items())),
         f"total wall time {time.monotonic() - started:.0f} s",
     ]
     text = "\n".join(lines)

@@ -59,6 +59,12 @@ def gan_config_from_args(args: argparse.Namespace) -> GanConfig:
     )
 
 
+def rejection_summary(report: dict) -> str:
+    """A site's selection rejections as sent to the coordinator ("rejected unrealistic 12, memorised 0, ..."), or '-' when not sent."""
+    rejected = {key.removeprefix("rejected-"): value for key, value in report.items() if key.startswith("rejected-")}
+    return "rejected " + ", ".join(f"{reason} {count}" for reason, count in rejected.items()) if rejected else "-"
+
+
 def print_gan_outcome(run: RunConfig, run_folder: Path) -> None:
     """Print the GAN rounds' losses and Fréchet distances and the synthetic counts, when the run had a GAN phase."""
     history_path = Path(run_folder) / "gan" / "history.json"
@@ -74,5 +80,5 @@ def print_gan_outcome(run: RunConfig, run_folder: Path) -> None:
         print(counts.read_text().rstrip())
         selection = json.loads((Path(run_folder) / "gan" / "selection.json").read_text())
         for site, report in sorted(selection.items()):
-            if "rejected" in report:
-                print(f"  {site}: {report['candidates']} candidates, rejected {report['rejected']}")
+            if "candidates" in report:
+                print(f"  {site}: {report['candidates']} candidates, {rejection_summary(report)}")

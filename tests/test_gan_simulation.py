@@ -37,16 +37,19 @@ def test_gan_round_then_augmented_classifier_round_on_demo_sites(tmp_path):
 
     with open(run_folder / "synthetic_counts.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 6 and {row["kind"] for row in rows} == {"real", "synthetic"}
-    assert sum(int(row["total"]) for row in rows if row["kind"] == "synthetic") > 0
+    assert len(rows) == 3 and sum(int(row["synthetic-images"]) for row in rows) > 0
+    # The coordinator holds each site's totals only; the per-class detail stays in the site's own selection report.
     selection = json.loads((run_folder / "gan" / "selection.json").read_text())
-    assert all(set(report["rejected"]) == {"unrealistic", "memorised", "near_duplicate"} for report in selection.values() if "rejected" in report)
+    rejections = {"rejected-unrealistic", "rejected-memorised", "rejected-near-duplicate"}
+    assert all(rejections <= set(report) for report in selection.values() if "candidates" in report)
+    assert not any("real" in report or "thresholds" in report for report in selection.values())
+    assert len(list((run_folder / "sites" / "synthetic").glob("*/*.selection.json"))) == 3
 
     # Every site evaluated on exactly its real test images: no synthetic image reached a test split.
     with open(run_folder / "site_split_class_counts.csv") as handle:
         split_rows = {row[next(iter(row))]: row for row in csv.DictReader(handle)}
     history = json.loads((run_folder / "history.json").read_text())["rounds"]
-    synthetic = {row["site"]: int(row["total"]) for row in rows if row["kind"] == "synthetic"}
+    synthetic = {row["site"]: int(row["synthetic-images"]) for row in rows}
     for site, metrics in history[-1]["sites"].items():
         real_test = sum(int(value) for key, value in split_rows[f"{site} [test]"].items() if key in saved.classes)
         real_train = sum(int(value) for key, value in split_rows[f"{site} [train]"].items() if key in saved.classes)

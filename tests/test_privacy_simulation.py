@@ -1,6 +1,7 @@
-"""End to end: a DP-SGD simulation (GAN and classifier) that stops at its epsilon budget, and what a site actually sends."""
+"""End to end: a DP-SGD simulation (GAN and classifier) that stops at its epsilon budget, and what a site actually sends (with and without DP)."""
 
 import json
+from collections import Counter
 import pickle
 import subprocess
 import sys
@@ -8,12 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.serde import recorddict_to_proto
 
-from shared.models.classifier import load_classifier
+from shared.calibration import TEMPERATURES
+from shared.gan.models import build_gan, gan_to_arrays
+from shared.models.classifier import build_classifier, load_classifier
+from shared.privacy.model_preparation import prepare_for_private_training
+from shared.protocol import REPLY_ALLOW_LISTS
+from shared.weights import model_to_arrays
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +73,7 @@ def test_dp_simulation_reports_epsilon_every_round_and_stops_cleanly_at_the_budg
 
 
 class CapturingClientApp:
-    """Builds a ClientApp whose Flower mod pickles every reply a site sends into a folder."""
+    """Builds a ClientApp whose Flower mod pickles every reply a site sends, for every message type the protocol lists."""
 
     def __init__(self, manifest_path: Path, capture_folder: Path) -> None:
         self.manifest_path = manifest_path
@@ -83,26 +88,19 @@ class CapturingClientApp:
 
         def capture(message: Message, context: Context, call_next) -> Message:
             reply = call_next(message, context)
-            number = len(list(folder.iterdir()))
-            payload = recorddict_to_proto(reply.content).SerializeToString()
-            (folder / f"{number:04d}-{message.metadata.message_type}-{context.node_id}.pb").write_bytes(payload)
-            (folder / f"{number:04d}.pickle").write_bytes(pickle.dumps(reply.content))
+            number = len(list(folder.glob("*.pickle")))
+            kind = message.metadata.message_type
+            # The reply as serialised for the wire, and apart from its tensors (the small part every row of every image is sought in).
+            (folder / f"{number:04d}-{kind}-{context.node_id}.pb").write_bytes(recorddict_to_proto(reply.content).SerializeToString() if not reply.has_error() else str(reply.error.reason).encode())
+            without_tensors = RecordDict({name: record for name, record in reply.content.items() if not isinstance(record, ArrayRecord)}) if not reply.has_error() else RecordDict()
+            (folder / f"{number:04d}-{kind}-{context.node_id}.small").write_bytes(recorddict_to_proto(without_tensors).SerializeToString())
+            (folder / f"{number:04d}.pickle").write_bytes(pickle.dumps((kind, reply.content if not reply.has_error() else None)))
             return reply
 
         outer = ClientApp(mods=[capture])
-
-        @outer.train()
-        def train(message: Message, context: Context) -> Message:
-            return inner(message, context)
-
-        @outer.train("gan")
-        def train_gan(message: Message, context: Context) -> Message:
-            return inner(message, context)
-
-        @outer.evaluate()
-        def evaluate(message: Message, context: Context) -> Message:
-            return inner(message, context)
-
+        for message_type in REPLY_ALLOW_LISTS:
+            category, _, action = message_type.partition(".")
+            getattr(outer, category)(action or "default")(lambda message, context: inner(message, context))
         return outer
 
 
@@ -114,31 +112,32 @@ def _strings_in(value) -> list[str]:
     return []
 
 
-def test_nothing_but_weights_and_aggregate_metrics_leaves_a_site(tmp_path):
+@pytest.mark.parametrize("privacy", ["local", "off"])
+def test_nothing_but_weights_and_allow_listed_aggregates_leaves_a_site(tmp_path, privacy):
     from flwr.simulation import run_simulation
 
     from server.app import create_server_app
     from shared.config import RunConfig
     from shared.data.demo import write_demo_dataset
     from shared.data.readers import read_dataset
-    from shared.gan.models import build_gan, gan_to_arrays
-    from shared.models.classifier import build_classifier
-    from shared.privacy.model_preparation import prepare_for_private_training
     from simulation.sites import partition_sites, prepare_simulated_sites
 
     root = write_demo_dataset(tmp_path / "data", format="ham10000", num_images=90, seed=3)
     table = read_dataset(root, "ham10000")
+    private = privacy == "local"
+    sites = partition_sites(table, partition="natural", num_sites=None, alpha=0.5, column="site", seed=0)
     run = RunConfig(
         classes=CLASSES,
         model={"name": "tf_efficientnet_lite0", "pretrained": "none"},
         preprocess={"image_size": 32},
         train={"batch_size": 8, "balance": "none", "max_steps_per_epoch": 1, "progress": False},
-        federation={"rounds": 1, "min_sites": 1},
-        privacy={"mode": "local", "target_epsilon": 8.0, "noise_multiplier": 1.0, "target_delta": 1e-3, "max_grad_norm": 1.0},
-        gan={"rounds": 1, "image_size": 32, "channels": 8, "latent_dim": 16, "local_steps": 2, "batch_size": 8},
+        federation={"rounds": 1, "min_sites": len(sites), "calibrate": True, "batch_norm": "average" if private else "recalibrate"},
+        privacy={"mode": "local", "target_epsilon": 8.0, "noise_multiplier": 1.0, "target_delta": 1e-3, "max_grad_norm": 1.0}
+        if private
+        else {"mode": "off"},
+        gan={"rounds": 1, "image_size": 32, "channels": 8, "latent_dim": 16, "local_steps": 2, "batch_size": 8, "augment": not private},
         report={"gallery_per_class": 0},
     )
-    sites = partition_sites(table, partition="natural", num_sites=None, alpha=0.5, column="site", seed=0)
     run_folder = tmp_path / "run"
     simulated = prepare_simulated_sites(
         sites, run, run_folder=run_folder, cache_root=tmp_path / "cache", threads_per_site=1
@@ -152,53 +151,70 @@ def test_nothing_but_weights_and_aggregate_metrics_leaves_a_site(tmp_path):
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "include_dashboard": False}},
     )
 
-    replies = [pickle.loads(path.read_bytes()) for path in sorted(capture_folder.glob("*.pickle"))]
+    captured = [pickle.loads(path.read_bytes()) for path in sorted(capture_folder.glob("*.pickle"))]
+    assert all(content is not None for _, content in captured), "a site failed: see the site log above"
+    kinds = [kind for kind, _ in captured]
+    # A private run may not select synthetic images (that compares them with the real ones outside the budget): no synthesis.
+    expected = {"train", "train.gan", "evaluate", "query.calibrate"} | ({"query.batch_norm", "query.gan_synthesise"} if not private else set())
+    assert set(kinds) == expected and all(kinds.count(kind) >= len(sites) for kind in expected), Counter(kinds)
     wire = b"".join(path.read_bytes() for path in sorted(capture_folder.glob("*.pb")))
-    kinds = [path.name.split("-")[1] for path in sorted(capture_folder.glob("*.pb"))]
-    assert kinds.count("train") == len(sites) and kinds.count("train.gan") == len(sites), kinds
-    assert kinds.count("evaluate") >= len(sites), kinds
+    small = b"".join(path.read_bytes() for path in sorted(capture_folder.glob("*.small")))
 
     frame = table.frame
     identifiers = set(frame["image_id"]) | set(frame["group"]) | {Path(path).name for path in frame["path"]}
-    identifiers |= {Path(path).stem for path in frame["path"]} | {str(root), str(tmp_path)}
+    identifiers |= {Path(path).stem for path in frame["path"]} | {str(root), str(tmp_path), root.name}
     for identifier in identifiers:
         assert identifier.encode() not in wire, f"{identifier} left a site"
-    # Image files: their header and a stretch of their compressed data (3-byte magic numbers alone
-    # turn up by chance in megabytes of float weights).
+    # Image files: their header and a stretch of their compressed data.
     for path in frame["path"]:
         content = Path(path).read_bytes()
         assert content[:64] not in wire and content[1000:1064] not in wire, f"bytes of {Path(path).name} left a site"
-    # Raw pixels: no run of 64 bytes from any cached training image appears in what was sent.
+    # Raw pixels of every cached image: every pixel row in everything but the tensors, two rows of each image in the tensors.
     for name, images in simulated.images.items():
-        pixels = np.asarray(images.images)
-        for row in range(0, len(pixels), 7):
-            chunk = pixels[row].tobytes()[1024:1088]
-            assert chunk not in wire, f"pixels of a {name} image left the site"
+        for image in np.asarray(images.images):
+            rows = [row.tobytes() for row in image]
+            assert not any(row in small for row in rows), f"pixels of a {name} image left the site"
+            assert rows[8] not in wire and rows[20] not in wire, f"pixels of a {name} image left the site"
 
-    classifier_reference = prepare_for_private_training(build_classifier(run.model, num_classes=len(CLASSES))).state_dict()
-    gan_reference = {name: torch.as_tensor(array) for name, array in gan_to_arrays(*build_gan(run.gan, len(CLASSES))).items()}
+    classifier_reference = build_classifier(run.model, num_classes=len(CLASSES))
+    if private:
+        prepare_for_private_training(classifier_reference)
+    classifier_shapes = {name: tuple(array.shape) for name, array in model_to_arrays(classifier_reference).items()}
+    gan_shapes = {name: tuple(array.shape) for name, array in gan_to_arrays(*build_gan(run.gan, len(CLASSES))).items()}
     num_classes = len(CLASSES)
-    for content in replies:
-        assert set(content.keys()) <= {"arrays", "metrics", "site"}
-        for record in content.array_records.values():
-            reference = gan_reference if set(record.keys()) == set(gan_reference) else classifier_reference
-            assert set(record.keys()) == set(reference), "only the models' own tensors are sent"
+    for kind, content in captured:
+        allowed = REPLY_ALLOW_LISTS[kind]
+        assert set(content.keys()) <= allowed.record_names(), (kind, list(content.keys()))
+        metrics = content["metrics"]
+        assert set(metrics.keys()) <= allowed.metric_keys(private), (kind, sorted(metrics.keys()))
+        assert "num-examples" in metrics and metrics["num-examples"] > 0
+        if private:
+            assert not set(metrics.keys()) & allowed.non_private_metrics, kind
+        for key, value in metrics.items():
+            if key in allowed.list_metrics:
+                # Per-class aggregates, the confusion counts (classes x classes), or one value per calibration temperature.
+                assert len(value) in (num_classes, num_classes * num_classes, len(TEMPERATURES)), key
+            else:
+                assert isinstance(value, (int, float)), key
+        for name, record in content.array_records.items():
+            assert name in allowed.array_records, (kind, name)
+            reference = gan_shapes if kind == "train.gan" else classifier_shapes
             for key, array in record.items():
-                assert tuple(array.shape) == tuple(reference[key].shape)
+                assert tuple(array.shape) == reference[key], (kind, key)
+            if kind != "query.batch_norm":
+                assert set(record.keys()) == set(reference), "only the models' own tensors are sent"
         for record in content.config_records.values():
-            assert set(record.keys()) <= {"name", "precision", "device"}
+            assert set(record.keys()) <= allowed.site
             for text in _strings_in(list(record.values())):
                 assert text in sites or text in ("fp32", "bf16") or text.startswith("cpu") or text.startswith("cuda")
-        for record in content.metric_records.values():
-            for key, value in record.items():
-                if isinstance(value, list):
-                    # Per-class aggregates (one value per class) or the confusion counts (classes x classes).
-                    assert len(value) in (num_classes, num_classes * num_classes), key
-                else:
-                    assert isinstance(value, (int, float)), key
-            if "train-loss" in record or "discriminator-loss" in record:
-                assert record["epsilon"] > 0 and record["num-examples"] > 0
-            assert "frechet-distance" not in record, "a summary of the real images' features left a site"
+        if kind in ("train", "train.gan") and private:
+            assert metrics["epsilon"] > 0
+    synthesised = [content["metrics"] for kind, content in captured if kind == "query.gan_synthesise"]
+    assert all("synthetic-images" in metrics for metrics in synthesised)
+    # The per-class detail stays at the site, in its own selection report beside its synthetic set.
+    site_reports = sorted((simulated.manifest_path.parent / "synthetic").glob("*/*.selection.json"))
+    assert len(site_reports) == (0 if private else len(sites)) and all("real" in json.loads(path.read_text()) for path in site_reports)
     per_site_examples = {len(images.select("test")) for images in simulated.images.values()}
-    evaluated = [record["num-examples"] for content in replies for record in content.metric_records.values() if "confusion-matrix" in record]
-    assert set(evaluated) <= per_site_examples and sum(sum(r["confusion-matrix"]) for c in replies for r in c.metric_records.values() if "confusion-matrix" in r) == sum(evaluated)
+    evaluated = [content["metrics"]["num-examples"] for kind, content in captured if kind == "evaluate"]
+    assert set(evaluated) <= per_site_examples
+    assert sum(sum(content["metrics"]["confusion-matrix"]) for kind, content in captured if kind == "evaluate") == sum(evaluated)

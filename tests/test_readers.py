@@ -254,6 +254,15 @@ def test_duplicate_image_id_names_both_lines(tmp_path):
         read_ham10000(root, skip_bad=True)
 
 
+def test_image_ids_differing_only_in_case_are_duplicates_naming_both(tmp_path):
+    root = tiny_ham(tmp_path / "ham", [["HAM_1", "ISIC_0024569", "nv"], ["HAM_2", "isic_0024569", "mel"]], images=["ISIC_0024569"])
+    expected = r"image ids 'ISIC_0024569' \(.*line 2\) and 'isic_0024569' \(.*line 3\) differ only in case.*remove or rename one"
+    with pytest.raises(DataError, match=expected):
+        read_ham10000(root)
+    with pytest.raises(DataError, match="differ only in case"):
+        read_ham10000(root, skip_bad=True)
+
+
 def test_empty_dataset_is_an_error(tmp_path):
     root = tiny_ham(tmp_path / "ham", [])
     with pytest.raises(DataError, match=r"empty dataset: no usable images in"):

@@ -8,7 +8,8 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from server.checkpoint import CheckpointWriter
-from server.history import MetricHistory, write_json_atomically
+from server.history import MetricHistory
+from shared.durable_files import write_json_atomically
 from server.resume import find_resume_point, gan_phase_needed, note_resume, restore_history
 from shared.config import FederationConfig, GanConfig, ModelConfig, RunConfig
 from shared.errors import ConfigError
@@ -60,6 +61,18 @@ def test_the_round_in_flight_is_dropped_and_the_last_completed_rounds_weights_ar
 def test_a_missing_checkpoint_ends_the_completed_rounds(tmp_path):
     make_run_folder(tmp_path / "run", evaluated=(1, 2, 3), checkpointed=(1, 3))
     assert find_resume_point(tmp_path / "run").completed_rounds == 1
+
+
+def test_a_zero_length_newest_checkpoint_falls_back_to_the_newest_that_loads_and_says_so(tmp_path, caplog):
+    folder = tmp_path / "run"
+    _, weights = make_run_folder(folder, rounds=4, trained=(1, 2, 3), evaluated=(1, 2, 3), checkpointed=(1, 2, 3))
+    (folder / "checkpoints" / "round_003.pt").write_bytes(b"")  # a power loss after the rename, before the data reached the disk
+    point = find_resume_point(folder)
+    assert point.completed_rounds == 2 and point.unloadable_checkpoints == [3]
+    assert [entry["round"] for entry in point.history_rounds] == [1, 2]
+    for name, value in weights[2].items():
+        np.testing.assert_allclose(point.arrays[name], value, rtol=1e-6)
+    assert "checkpoints of round(s) 3 do not load; the run continues after round 2" in caplog.text
 
 
 def test_a_run_interrupted_in_its_first_round_starts_again_from_the_initial_weights(tmp_path):

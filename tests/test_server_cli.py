@@ -1,10 +1,15 @@
 """skin-fl-server without a running federation: run-config files, the nginx config, and clear errors on bad input."""
 
+import http.server
 import os
 import shutil
 import socket
+import ssl
 import subprocess
+import threading
+import time
 import tomllib
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,7 +19,15 @@ from server import cli
 from server.certs import init_credentials
 from server.deployment import check_credentials
 from server.history import MetricHistory
-from server.nginx_proxy import TEMPLATE_PATH, ProxySettings, fleet_paths_in_template, find_nginx, render_config, write_config
+from server.nginx_proxy import (
+    TEMPLATE_PATH,
+    ProxySettings,
+    find_nginx,
+    fleet_paths_in_template,
+    nginx_command,
+    render_config,
+    write_config,
+)
 from server.run_config_file import app_directory, read_run_config_file
 from shared.config import FLOWER_RUN_CONFIG_KEYS, run_config_from_flower
 from shared.errors import ConfigError
@@ -208,3 +221,89 @@ def test_nginx_config_subcommand_prints_the_proxy_config_for_a_system_nginx(cred
     assert f"ssl_certificate {credentials.resolve() / 'server.crt'};" in output
     assert "listen 0.0.0.0:8443 ssl;" in output and "user www-data www-data;" in output
     assert "location / {\n            return 403;" in output
+
+
+def test_insecure_listens_on_loopback_only(tmp_path, capsys):
+    assert _start(tmp_path, "--insecure", "--host", "0.0.0.0", "--nginx", str(tmp_path / "no-nginx")) == 2
+    assert "--insecure (no TLS, no node authentication) listens on loopback only, not on 0.0.0.0" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class _RecordingUpstream(threading.Thread):
+    """A plain HTTP server standing where the SuperLink listens; it records every request line it receives."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.paths: list[str] = []
+        recorded = self.paths
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - the name http.server calls
+                recorded.append(self.path)
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+    def run(self) -> None:
+        self.server.serve_forever()
+
+
+@contextmanager
+def _running_nginx(settings: ProxySettings):
+    write_config(settings)
+    process = subprocess.Popen(nginx_command(find_nginx(), settings), stderr=subprocess.PIPE, text=True)
+    port = int(settings.listen.rsplit(":", 1)[1])
+    try:
+        for _ in range(100):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _raw_post(port: int, target: str) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        return int(connection.recv(64).split()[1])
+
+
+def test_nginx_forwards_only_exact_fleet_paths_of_the_raw_uri(tmp_path):
+    upstream = _RecordingUpstream()
+    upstream.start()
+    settings = ProxySettings(f"127.0.0.1:{_free_port()}", f"127.0.0.1:{upstream.server.server_address[1]}", tmp_path / "nginx")
+    with _running_nginx(settings) as port:
+        for sneaky in ("/v1/control/../fleet/get-run", "/v1/fleet/../control/list-runs", "/v1/fleet/get-run/../../control/stop-run",
+                       "/v1/fleet//get-run", "/v1/fleet/%67et-run", "/v1/fleet/get-run?x=1", "/v1/fleet/./get-run"):
+            assert _raw_post(port, sneaky) == 403, sneaky
+        assert upstream.paths == []
+        assert _raw_post(port, "/v1/fleet/get-run") == 200
+    upstream.server.shutdown()
+    assert upstream.paths == ["/v1/fleet/get-run"]
+
+
+def test_nginx_speaks_tls_1_3_only(credentials, tmp_path):
+    settings = _example_settings(credentials, tmp_path / "nginx", listen=f"127.0.0.1:{_free_port()}", worker_user=None)
+    with _running_nginx(settings) as port:
+        old = ssl.create_default_context(cafile=str(credentials / "ca.crt"))
+        old.maximum_version = ssl.TLSVersion.TLSv1_2
+        with pytest.raises(ssl.SSLError):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, old.wrap_socket(raw, server_hostname="fl.example.org"):
+                pass
+        current = ssl.create_default_context(cafile=str(credentials / "ca.crt"))
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with current.wrap_socket(raw, server_hostname="fl.example.org") as tls:
+                assert tls.version() == "TLSv1.3"

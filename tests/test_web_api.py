@@ -1,5 +1,6 @@
 """The clinician web app's JSON API, pages and settings, through FastAPI's TestClient with a small real model."""
 
+import asyncio
 import base64
 import csv
 import io
@@ -7,6 +8,8 @@ import os
 import re
 import shutil
 import sqlite3
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -113,7 +116,30 @@ def test_every_data_endpoint_refuses_a_missing_or_wrong_token(tmp_path, model_fi
 
 def test_health_needs_no_token_and_says_nothing_else(site):
     client, _, _ = site
-    assert TestClient(client.app).get("/api/health").json() == {"status": "ok"}
+    assert TestClient(client.app).get("/api/health").json() == {"status": "ok", "model": "current"}
+
+
+def test_the_token_is_checked_before_a_byte_of_the_body_is_read(site):
+    client, tokens, _ = site
+    reads, sent = [], []
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": b"x" * 65536, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    for authorization in (b"", b"Bearer " + tokens["dr.alice"][:-2].encode() + b"xx"):
+        scope = {
+            "type": "http", "method": "POST", "path": "/api/classify", "raw_path": b"/api/classify", "query_string": b"",
+            "headers": [(b"content-type", b"multipart/form-data; boundary=x"), (b"content-length", b"100000000"),
+                        *([(b"authorization", authorization)] if authorization else [])],
+            "scheme": "http", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000), "http_version": "1.1",
+        }
+        asyncio.run(client.app(scope, receive, send))
+        assert sent[-2]["status"] == 401 and b'"unauthorised"' in sent[-1]["body"]
+    assert reads == []
 
 
 def test_me_names_the_user_of_the_token(site):
@@ -274,6 +300,63 @@ def test_size_dimension_and_count_limits(tmp_path, model_files, shared_classifie
     assert _error_code(client.post("/api/classify", files=three), 400) == "too_many_files"
     assert _stored_images(settings) == [] and _case_rows(settings) == []
     assert len(_classify(client, _jpeg("1.jpg"), _jpeg("2.jpg"))["results"]) == 2
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG declaring `width`x`height` with no pixel data (what a decompression bomb's header looks like)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_pixel_caps_per_image_and_per_request_apply_before_decoding(tmp_path, model_files, shared_classifier):
+    client, tokens, settings = _site(tmp_path, model_files, shared_classifier, max_image_megapixels=0.05, max_request_megapixels=0.05)
+    client.headers["Authorization"] = f"Bearer {tokens['dr.alice']}"
+    # A few KB of flat PNG that decodes to far more memory than its size: refused from its header.
+    flat = ("flat.png", image_bytes(Image.new("RGB", (300, 200), (180, 120, 100)), "PNG"), "image/png")
+    response = client.post("/api/classify", files=_upload(flat))
+    assert _error_code(response, 413) == "image_too_large" and "(0.06 million), over the limit of 0.05 million" in response.json()["error"]["message"]
+    # PIL's own decompression-bomb guard (a header declaring 20000 x 20000) answers the same 413 in JSON.
+    bomb = ("bomb.png", _png_header_only(20_000, 20_000), "image/png")
+    assert _error_code(client.post("/api/classify", files=_upload(bomb)), 413) == "image_too_large"
+    # Two images within the per-image cap but over the per-request cap together.
+    two = _upload(_jpeg("1.jpg"), _jpeg("2.jpg"))
+    response = client.post("/api/classify", files=two)
+    assert _error_code(response, 413) == "request_too_many_pixels" and "max-request-megapixels" in response.json()["error"]["message"]
+    assert _stored_images(settings) == [] and _case_rows(settings) == []
+    assert len(_classify(client, _jpeg("1.jpg"))["results"]) == 1
+
+
+def test_an_unreadable_new_model_file_leaves_the_last_good_model_in_service_reported_stale(tmp_path, model_files):
+    served = tmp_path / "final_model.pt"
+    shutil.copyfile(model_files[0], served)
+    client, tokens, _ = _site(tmp_path, model_files, models=[served])
+    client.headers["Authorization"] = f"Bearer {tokens['dr.alice']}"
+    good = client.get("/api/model").json()["version"]
+    served.write_bytes(model_files[1].read_bytes()[:5000])  # a half-copied file
+    described = client.get("/api/model").json()
+    assert described["version"] == good and "final_model.pt" in described["stale"]
+    assert client.get("/api/health").json() == {"status": "ok", "model": "stale"}
+    assert _classify(client)["model_version"] == good
+    shutil.copyfile(model_files[1], served)
+    assert client.get("/api/model").json()["stale"] == {} and client.get("/api/health").json()["model"] == "current"
+    assert _classify(client)["model_version"] != good
+
+
+def test_an_unexpected_server_error_is_json_with_a_reference_not_a_trace(tmp_path, model_files, shared_classifier, caplog):
+    _, tokens, settings = _site(tmp_path, model_files, shared_classifier)
+    client = TestClient(create_app(settings, shared_classifier), raise_server_exceptions=False)
+    client.headers["Authorization"] = f"Bearer {tokens['dr.alice']}"
+    with sqlite3.connect(settings.database_path) as connection:
+        connection.execute("DROP TABLE cases")
+    response = client.get("/api/cases")
+    assert _error_code(response, 500) == "internal_error"
+    reference = re.search(r"reference ([0-9a-f]{12})", response.json()["error"]["message"]).group(1)
+    assert "Traceback" not in response.text and "sqlite" not in response.text.lower()
+    assert reference in caplog.text and "no such table" in caplog.text
 
 
 def test_an_oversized_request_body_is_refused_before_it_is_read(site):

@@ -3,8 +3,11 @@
 
 import base64
 import io
+import logging
 import os
+import secrets
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -21,11 +24,12 @@ from client.web.api_docs import render_api_reference
 from client.web.inference import Classifier
 from client.web.settings import WebSettings
 from client.web.store import CaseRecord, FeedbackStore, UnknownCase, utc_now
-from client.web.uploads import UploadRejected, check_upload, describe, new_case_id, store_upload
+from client.web.uploads import UploadRejected, check_request_pixels, check_upload, describe, new_case_id, store_upload
 from client.web.users import User, UserList, authenticate
 from shared.data.feedback import CASE_STATUSES
 from shared.errors import DataError
 
+logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 CASE_ID_PATTERN = r"^[0-9a-f]{32}$"
 MAX_NOTE_CHARACTERS = 2000
@@ -77,6 +81,10 @@ class Health(BaseModel):
     """Liveness of the service (no patient data, no authentication)."""
 
     status: str = Field(description="'ok' while the service answers.")
+    model: str = Field(
+        description="'current': the model files in service are the ones on disk; 'stale': a changed model file does not "
+        "load, so the last good model still answers (see /api/model)."
+    )
 
 
 class Me(BaseModel):
@@ -97,6 +105,9 @@ class ModelInfo(BaseModel):
     ensemble_size: int = Field(description="Number of models whose probabilities are averaged.")
     models: list[dict]
     preprocess: dict
+    stale: dict[str, str] = Field(
+        description="Model files that changed on disk but do not load, with why; the last good model answers until they are fixed."
+    )
     clinical_note: str
 
 
@@ -185,12 +196,18 @@ class _BodyTooLarge(Exception):
     pass
 
 
-class RequestLimits:
-    """ASGI middleware: caps request bodies (declared or streamed) and adds security headers to every answer."""
+UNAUTHORISED_MESSAGE = "sign in with a valid access token (Authorization: Bearer <token>); ask IT for one"
+BODY_METHODS = (b"POST", b"PUT", b"PATCH")
 
-    def __init__(self, app, max_body_bytes: int) -> None:
+
+class RequestLimits:
+    """ASGI middleware: the token of a request with a body checked before the body is read, bodies capped
+    (declared or streamed), and security headers on every answer."""
+
+    def __init__(self, app, max_body_bytes: int, token_is_valid: Callable[[str], bool]) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.token_is_valid = token_is_valid
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -226,6 +243,12 @@ class RequestLimits:
                 replaced = True
                 await too_large(scope, receive, send_with_headers)
 
+        if scope["path"].startswith("/api/") and scope["method"].encode() in BODY_METHODS:
+            # Up to hundreds of MiB of multipart body would be parsed before the endpoint's own token check.
+            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not token or not self.token_is_valid(token):
+                await _error(401, "unauthorised", UNAUTHORISED_MESSAGE, {"WWW-Authenticate": "Bearer"})(scope, receive, send_with_headers)
+                return
         declared = headers.get(b"content-length")
         if declared is not None:
             try:
@@ -336,6 +359,16 @@ def create_app(settings: WebSettings, classifier: Classifier | None = None) -> F
         )
         return _error(422, "invalid_request", f"the request is not valid ({problems}); see /api/docs")
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        reference = secrets.token_hex(6)
+        logger.error("%s %s failed (reference %s)", request.method, request.url.path, reference, exc_info=error)
+        return _error(
+            500, "internal_error",
+            f"the web app hit an unexpected error; nothing was kept from this request. Tell IT the reference {reference} "
+            "(the service log has the details)",
+        )
+
     # ---- pages ---------------------------------------------------------------------------------
 
     @app.get("/", include_in_schema=False)
@@ -360,7 +393,7 @@ def create_app(settings: WebSettings, classifier: Classifier | None = None) -> F
 
     @app.get("/api/health", response_model=Health, summary="Service is up (no authentication, no data)")
     def health() -> Health:
-        return Health(status="ok")
+        return Health(status="ok", model="stale" if classifier.stale else "current")
 
     @app.get("/api/me", response_model=Me, responses=AUTH_ERRORS, summary="The user the token belongs to")
     def me(user: AuthorisedUser) -> Me:
@@ -393,10 +426,17 @@ def create_app(settings: WebSettings, classifier: Classifier | None = None) -> F
             data = await upload.read(settings.max_upload_bytes + 1)
             try:
                 checked.append(
-                    check_upload(position, upload.filename, data, max_bytes=settings.max_upload_bytes, max_side=settings.max_image_side)
+                    check_upload(
+                        position, upload.filename, data, max_bytes=settings.max_upload_bytes, max_side=settings.max_image_side,
+                        max_pixels=int(settings.max_image_megapixels * 1e6),
+                    )
                 )
             except UploadRejected as rejection:
                 raise ApiError(rejection.status, rejection.code, rejection.message) from rejection
+        try:
+            check_request_pixels(checked, int(settings.max_request_megapixels * 1e6))
+        except UploadRejected as rejection:
+            raise ApiError(rejection.status, rejection.code, rejection.message) from rejection
         return await run_in_threadpool(_classify_checked, checked, [upload.filename for upload in files], user)
 
     def _classify_checked(checked, filenames, user: User) -> ClassifyResponse:
@@ -406,12 +446,11 @@ def create_app(settings: WebSettings, classifier: Classifier | None = None) -> F
             for case_id, upload in zip(case_ids, checked):
                 paths.append(store_upload(images_dir, case_id, upload))
             try:
-                predictions = classifier.classify_files(paths)
+                predictions, version = classifier.classify_files(paths)
             except DataError as error:
                 bad = next((index for index, path in enumerate(paths) if str(path) in str(error)), None)
                 name = describe(bad, filenames[bad]) if bad is not None else "an image"
                 raise ApiError(422, "corrupt_image", f"{name} is corrupt or truncated and cannot be decoded; export the image again") from error
-            version = classifier.version
             now = utc_now()
             records = [
                 CaseRecord(
@@ -503,5 +542,9 @@ def create_app(settings: WebSettings, classifier: Classifier | None = None) -> F
             raise ApiError(404, "image_missing", f"the image of case {case_id} is no longer in {images_dir}; restore it from the site's backup")
         return FileResponse(path, media_type="image/png" if path.suffix == ".png" else "image/jpeg")
 
-    app.add_middleware(RequestLimits, max_body_bytes=settings.max_files * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+    app.add_middleware(
+        RequestLimits,
+        max_body_bytes=settings.max_files * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+        token_is_valid=lambda token: authenticate(directory.users(), token) is not None,
+    )
     return app

@@ -10,7 +10,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 
 from shared.data.images import decode_image
 from shared.data.transforms import NormaliseToFloat, preprocess_image, resize_and_centre_crop
@@ -90,28 +89,36 @@ class Classifier:
         self.malignant_threshold = float(malignant_threshold)
         self._lock = threading.Lock()
         self.models: list[LoadedModel] = []
+        self.stale: dict[str, str] = {}
+        """Model files that changed but do not load, by file name, with why; the last good model still answers."""
         self._reload_changed()
 
     # ---- model files -------------------------------------------------------------------------
 
     def _reload_changed(self) -> None:
-        """Load every model file that is new or changed since it was loaded, then check they fit together."""
+        """Load every model file that is new or changed since it was loaded, then check they fit together.
+
+        A changed file that does not load (half-copied, corrupt) leaves the last good model in
+        service and is reported as stale until a good file replaces it.
+        """
         loaded = {entry.path: entry for entry in self.models}
-        fresh = []
+        fresh, stale = [], {}
         for path in self.paths:
             entry = loaded.get(path)
             try:
                 status = path.stat()
-            except OSError as error:
-                if entry is not None:
-                    fresh.append(entry)  # keep serving the last good model while the file is being replaced
-                    continue
-                raise ModelError(f"saved model {path} cannot be read ({error.strerror}); give an existing model file") from error
-            if entry is None or (status.st_mtime_ns, status.st_size) != (entry.modified_ns, entry.size):
-                entry = _load(path, self.device)
+                if entry is None or (status.st_mtime_ns, status.st_size) != (entry.modified_ns, entry.size):
+                    entry = _load(path, self.device)
+            except (OSError, ModelError) as error:
+                if entry is None:
+                    if isinstance(error, ModelError):
+                        raise
+                    raise ModelError(f"saved model {path} cannot be read ({error.strerror}); give an existing model file") from error
+                # Keep serving the last good model while the file is being replaced (or until it is fixed).
+                stale[path.name] = str(error)
             fresh.append(entry)
         _check_compatible(fresh, self.malignant_classes)
-        self.models = fresh
+        self.models, self.stale = fresh, stale
 
     @property
     def classes(self) -> list[str]:
@@ -148,6 +155,7 @@ class Classifier:
                 for entry in self.models
             ],
             "preprocess": first.preprocess.model_dump(),
+            "stale": dict(self.stale),
         }
 
     def refresh(self) -> None:
@@ -157,21 +165,32 @@ class Classifier:
 
     # ---- classification ----------------------------------------------------------------------
 
-    def classify_files(self, paths: list[Path]) -> list[Prediction]:
-        """Classify and explain image files already checked by the upload rules; bad files raise `DataError`."""
+    def classify_files(self, paths: list[Path]) -> tuple[list[Prediction], str]:
+        """Classify and explain image files already checked by the upload rules, and the model version that answered.
+
+        The version is read under the same lock as the classification, so a model reloaded by a
+        concurrent request can never be recorded for these predictions. Each image is decoded and
+        reduced to the model's input and the overlay's crop before the next is decoded, so memory
+        holds one full-size image at a time. Bad files raise `DataError`.
+        """
         with self._lock:
             self._reload_changed()
             preprocess = self.models[0].saved.preprocess
-            # Decoded exactly as the training cache decodes, so the model sees what it was trained on.
-            decoded = [decode_image(path, draft_size=2 * preprocess.image_size) for path in paths]
+            display_size = max(DISPLAY_SIZE, self.image_size)
+            model_inputs, displays = [], []
+            for path in paths:
+                # Decoded exactly as the training cache decodes, so the model sees what it was trained on.
+                image = decode_image(path, draft_size=2 * preprocess.image_size)
+                model_inputs.append(preprocess_image(image, preprocess))
+                displays.append(resize_and_centre_crop(image, display_size))
+                del image
             predictions: list[Prediction] = []
-            for start in range(0, len(decoded), BATCH_SIZE):
-                batch = decoded[start : start + BATCH_SIZE]
-                model_inputs = np.stack([preprocess_image(image, preprocess) for image in batch])
-                probabilities, heatmaps = self._explain(model_inputs)
-                for image, probability_row, heatmap in zip(batch, probabilities, heatmaps):
-                    predictions.append(self._prediction(image, probability_row, heatmap))
-        return predictions
+            for start in range(0, len(model_inputs), BATCH_SIZE):
+                batch = np.stack(model_inputs[start : start + BATCH_SIZE])
+                probabilities, heatmaps = self._explain(batch)
+                for display, probability_row, heatmap in zip(displays[start : start + BATCH_SIZE], probabilities, heatmaps):
+                    predictions.append(self._prediction(display, probability_row, heatmap))
+            return predictions, self.version
 
     def _explain(self, model_inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Ensemble-mean probabilities [N, K] and mean Grad-CAM heatmaps [N, S, S] for the ensemble's top class."""
@@ -199,12 +218,10 @@ class Classifier:
         normalise = NormaliseToFloat(entry.saved.mean, entry.saved.std)
         return torch.stack([normalise(image) for image in pixels]).to(self.device)
 
-    def _prediction(self, image: Image.Image, probability_row: np.ndarray, heatmap: np.ndarray) -> Prediction:
+    def _prediction(self, display: np.ndarray, probability_row: np.ndarray, heatmap: np.ndarray) -> Prediction:
         classes = self.classes
         top_index = int(np.argmax(probability_row))
         # The overlay shows the same centre crop the model saw, in the image's own colours, at a readable size.
-        display_size = max(DISPLAY_SIZE, self.image_size)
-        display = resize_and_centre_crop(image, display_size)
         overlay = overlay_heatmap(display, np.clip(heatmap, 0.0, 1.0))
         encoded, jpeg = cv2.imencode(
             ".jpg", cv2.cvtColor(np.ascontiguousarray(overlay), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, OVERLAY_JPEG_QUALITY]

@@ -37,6 +37,10 @@ class WebSettings(StrictModel):
     max_upload_mb: float = Field(20.0, gt=0, le=500, description="Largest accepted image file, in MiB.")
     max_files: int = Field(20, ge=1, le=500, description="Most images in one classify request.")
     max_image_side: int = Field(10_000, ge=32, le=100_000, description="Longest accepted image side, in pixels.")
+    max_image_megapixels: float = Field(
+        40.0, gt=0, le=1000, description="Most pixels in one image, in millions (checked from the header, before decoding)."
+    )
+    max_request_megapixels: float = Field(200.0, gt=0, le=10_000, description="Most pixels of all images in one request, in millions.")
     malignant_classes: list[str] = Field(
         default_factory=lambda: list(DEFAULT_MALIGNANT_CLASSES),
         description="Classes whose prediction raises the malignancy flag (each must be a class of the model).",

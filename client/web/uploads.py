@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
-import os
 import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+
+from shared.durable_files import write_bytes_atomically
 
 ACCEPTED_FORMATS = {"JPEG": ".jpg", "PNG": ".png"}
 """Formats the web app accepts, and the extension it stores each under."""
@@ -47,8 +48,14 @@ def describe(position: int, filename: str | None) -> str:
     return f"file {position + 1}" + (f" ({shown!r})" if shown else "")
 
 
-def check_upload(position: int, filename: str | None, data: bytes, *, max_bytes: int, max_side: int) -> CheckedUpload:
-    """The upload's format and size from its header, or `UploadRejected` naming the problem and the fix."""
+def check_upload(
+    position: int, filename: str | None, data: bytes, *, max_bytes: int, max_side: int, max_pixels: int
+) -> CheckedUpload:
+    """The upload's format and size from its header, or `UploadRejected` naming the problem and the fix.
+
+    Nothing is decoded here: the pixel caps apply before any image's pixels take memory, and
+    PIL's decompression-bomb guard is turned into the same 413.
+    """
     name = describe(position, filename)
     if not data:
         raise UploadRejected(400, "empty_file", f"{name} is empty; choose a JPEG or PNG image")
@@ -79,9 +86,26 @@ def check_upload(position: int, filename: str | None, data: bytes, *, max_bytes:
             f"{name} is {width}x{height} pixels, over the limit of {max_side} on its longest side; "
             "export it at a lower resolution or ask IT to raise max-image-side",
         )
+    if width * height > max_pixels:
+        raise UploadRejected(
+            413, "image_too_large",
+            f"{name} is {width}x{height} pixels ({width * height / 1e6:.2f} million), over the limit of "
+            f"{max_pixels / 1e6:.2f} million; export it at a lower resolution or ask IT to raise max-image-megapixels",
+        )
     if min(width, height) < 1:
         raise UploadRejected(422, "corrupt_image", f"{name} has no pixels ({width}x{height}); export the image again")
     return CheckedUpload(position=position, data=data, format=image_format, width=width, height=height)
+
+
+def check_request_pixels(uploads: list[CheckedUpload], max_pixels: int) -> None:
+    """Refuse (413) a request whose images together have more pixels than `max_pixels`."""
+    total = sum(upload.width * upload.height for upload in uploads)
+    if total > max_pixels:
+        raise UploadRejected(
+            413, "request_too_many_pixels",
+            f"the {len(uploads)} images have {total / 1e6:.2f} million pixels together, over the limit of "
+            f"{max_pixels / 1e6:.2f} million per request; send fewer images per request or ask IT to raise max-request-megapixels",
+        )
 
 
 def new_case_id() -> str:
@@ -93,13 +117,5 @@ def store_upload(images_dir: Path, case_id: str, upload: CheckedUpload) -> Path:
     """Write the upload's bytes unchanged to `<images_dir>/<case_id>.<ext>` (atomically, owner-only)."""
     images_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     target = images_dir / f"{case_id}{upload.extension}"
-    temporary = images_dir / f".{case_id}.tmp"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(upload.data)
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_bytes_atomically(target, upload.data, mode=0o600)
     return target

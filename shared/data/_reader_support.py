@@ -202,14 +202,22 @@ def build_table(
     empty_fix: str,
 ) -> ImageTable:
     """The `ImageTable` of checked entries; duplicate image ids and an empty dataset are errors."""
-    first_source: dict[str, str] = {}
+    first: dict[str, TableEntry] = {}
     for entry in entries:
-        if entry.image_id in first_source:
+        # Image files are found without regard to case, so ids differing only in case name one file.
+        key = entry.image_id.casefold()
+        if key in first:
+            earlier = first[key]
+            if earlier.image_id == entry.image_id:
+                raise DataError(
+                    f"duplicate image id {entry.image_id!r}: {earlier.source} and {entry.source}; keep one row (or file) per image"
+                )
             raise DataError(
-                f"duplicate image id {entry.image_id!r}: {first_source[entry.image_id]} and {entry.source}; "
-                "keep one row (or file) per image"
+                f"image ids {earlier.image_id!r} ({earlier.source}) and {entry.image_id!r} ({entry.source}) differ only in "
+                "case, so they name the same image and it could land in two splits; keep one row (or file) per image "
+                "(remove or rename one of them)"
             )
-        first_source[entry.image_id] = entry.source
+        first[key] = entry
     if not entries:
         left_out = f" ({len(skipped)} bad rows or files were skipped)" if skipped else ""
         raise DataError(f"empty dataset: no usable images in {root}{left_out}; {empty_fix}")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from shared.config import GanConfig
+from shared.durable_files import replaced_atomically
 from shared.errors import ModelError
 from shared.weights import load_arrays_into, model_to_arrays
 
@@ -261,9 +262,8 @@ def save_gan(path: Path, generator: ConditionalGenerator, discriminator: Project
         "discriminator": {k: v.detach().cpu() for k, v in discriminator.state_dict().items()},
         "metadata": dict(metadata),
     }
-    temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, temporary)
-    temporary.replace(path)
+    with replaced_atomically(path) as temporary:
+        torch.save(payload, temporary)
     return path
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from shared.config import ModelConfig, PreprocessConfig
+from shared.durable_files import replaced_atomically
 from shared.errors import ModelError
 from shared.privacy.model_preparation import is_prepared_for_privacy, prepare_for_private_training, prepared_trainable_stages
 
@@ -208,15 +208,9 @@ def save_classifier(
         "state_dict": {key: tensor.detach().cpu() for key, tensor in model.state_dict().items()},
         "metadata": plain_metadata,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed over it, so a reader never sees a half-written model.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    # Written beside the target, flushed and renamed over it: a reader (or a resume after a power loss) never sees half a model.
+    with replaced_atomically(path) as temporary:
         torch.save(payload, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from shared.config import PrivacyConfig, RunConfig
+from shared.durable_files import write_json_atomically
 from shared.errors import ConfigError, SkinFLError
 
 LEDGER_FORMAT = "skin-fl-privacy-ledger"
@@ -21,6 +21,10 @@ EPSILON_TOLERANCE = 0.01
 
 class PrivacyBudgetExceeded(SkinFLError):
     """Training would spend more epsilon than the run's budget allows."""
+
+
+class PrivacyLedgerError(ConfigError):
+    """A site's privacy ledger of a run is missing or unreadable where it must exist; training stops rather than count from zero."""
 
 
 def gan_round_label(server_round: int) -> str:
@@ -152,16 +156,26 @@ class PrivacyLedger:
     rounds: list[dict] = field(default_factory=list)
 
     @classmethod
-    def open(cls, state_dir: Path, site: str, ledger_id: str, delta: float) -> PrivacyLedger:
-        """The ledger of `site` for the run `ledger_id` under `state_dir` (empty when the run is new)."""
+    def open(cls, state_dir: Path, site: str, ledger_id: str, delta: float, *, must_exist: bool = False) -> PrivacyLedger:
+        """The ledger of `site` for the run `ledger_id` under `state_dir` (empty when the run is new).
+
+        `must_exist`: the coordinator's records show this site already trained privately in the
+        run, so a missing file is an error (a wiped or restored disk must not reset the budget).
+        """
         safe = lambda text: re.sub(r"[^A-Za-z0-9._-]+", "_", text)  # noqa: E731 - one-line file-name filter
         path = Path(state_dir) / safe(site) / f"{safe(ledger_id)}.json"
         if not path.exists():
+            if must_exist:
+                raise PrivacyLedgerError(
+                    f"privacy ledger {path} is missing, but the coordinator's records show site {site!r} already trained "
+                    f"privately in run {ledger_id!r}; restore the file from a backup (or point the node config's "
+                    "privacy-dir at the folder that holds it); the budget is not restarted from zero"
+                )
             return cls(path, site, delta)
         try:
             payload = json.loads(path.read_text())
         except (OSError, ValueError) as error:
-            raise ConfigError(
+            raise PrivacyLedgerError(
                 f"privacy ledger {path} is unreadable ({error}); it records the budget this site already spent, so "
                 "training stops rather than restart the count; restore the file from a backup"
             ) from error
@@ -198,9 +212,6 @@ class PrivacyLedger:
         return self.rounds[-1]["epsilon"]
 
     def save(self) -> None:
-        """Write the ledger atomically."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        """Write the ledger crash-safely (flushed to disk before the round's reply leaves the site)."""
         payload = {"format": LEDGER_FORMAT, "site": self.site, "delta": self.delta, "rounds": self.rounds}
-        temporary.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(temporary, self.path)
+        write_json_atomically(self.path, payload, allow_nan=True)
