@@ -162,7 +162,7 @@ def describe_checked_site(checked: CheckedSite) -> str:
 
 def supernode_command(settings: SiteSettings, node_config_path: Path) -> list[str]:
     """The flower-supernode command line for this site."""
-    from server.deployment import venv_executable
+    from shared.executables import venv_executable
 
     command = [venv_executable("flower-supernode"), "--superlink", settings.superlink]
     if settings.insecure:

@@ -7,12 +7,8 @@ aggregate metrics the sites send (confusion counts and per-class AUCs), never fr
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
-import json
-import math
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,30 +24,19 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 from shared.calibration import calibration_bins  # noqa: E402
 from shared.data.cache import CachedImages  # noqa: E402
+from shared.durable_files import write_json_atomically  # noqa: E402
 from shared.ensemble import Ensemble, normalise_pixels  # noqa: E402
 from shared.errors import DataError  # noqa: E402
 from shared.explain.gradcam import overlay_heatmap  # noqa: E402
 from shared.isic_metrics import isic_scores  # noqa: E402
+from shared.metrics import classification_metrics  # noqa: E402
+from shared.report_files import plot_confusion_matrix, write_table  # noqa: E402
 from shared.site_names import safe_site_name  # noqa: E402
-from shared.metrics import classification_metrics, format_metrics_table, metrics_from_confusion  # noqa: E402
 
 REPORT_DIR_NODE_KEY = "report-dir"
 DEFAULT_REPORT_ROOT = Path.home() / ".local" / "share" / "skin-fl" / "reports"
 TABLE_COLUMNS = ("support", "sensitivity", "specificity", "ppv", "npv", "f1", "auc", "auc_sens_80", "ap")
-AGGREGATE_TABLE_COLUMNS = ("support", "recall", "precision", "auc")
 REPORT_FILES = ("metrics.json", "per_class.csv", "per_class.txt", "confusion_matrix.png", "roc_curves.png", "gallery.html")
-
-
-def _write_json(path: Path, payload) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    os.replace(temporary, path)
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def predict_images(ensemble: Ensemble, images: CachedImages, batch_size: int = 64) -> np.ndarray:
@@ -79,38 +64,6 @@ def per_class_rows(metrics: dict, isic: dict) -> dict[str, dict]:
             "ap": isic_row["ap"],
         }
     return rows
-
-
-def write_table(folder: Path, rows: dict[str, dict], columns: tuple[str, ...]) -> None:
-    """per_class.csv and an aligned per_class.txt."""
-    with open(folder / "per_class.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["class", *columns])
-        for name, row in rows.items():
-            writer.writerow([name, *("" if row.get(column) is None else row.get(column) for column in columns)])
-    (folder / "per_class.txt").write_text(format_metrics_table(rows, list(columns)) + "\n")
-
-
-def plot_confusion_matrix(confusion: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
-    """Confusion counts with cells shaded by the row (true-class) fraction."""
-    confusion = np.asarray(confusion, dtype=np.int64)
-    rows = confusion.sum(axis=1, keepdims=True)
-    fractions = np.divide(confusion, rows, out=np.zeros(confusion.shape, dtype=np.float64), where=rows > 0)
-    size = 1.2 + 0.6 * len(classes)
-    figure, axis = plt.subplots(figsize=(size + 1.2, size))
-    image = axis.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
-    for row in range(len(classes)):
-        for column in range(len(classes)):
-            axis.text(column, row, str(confusion[row, column]), ha="center", va="center", fontsize=8,
-                      color="white" if fractions[row, column] > 0.5 else "black")
-    axis.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true", title=title)
-    axis.set_xticklabels(classes, rotation=45, ha="right")
-    axis.set_yticklabels(classes)
-    figure.colorbar(image, ax=axis, fraction=0.046, label="fraction of the true class")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
 
 
 def plot_roc_curves(labels: np.ndarray, probabilities: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
@@ -277,71 +230,7 @@ def write_site_report(
         "gallery": {"method": method, "images": gallery_images, "per_class": gallery_per_class},
         **(extra or {}),
     }
-    _write_json(folder / "metrics.json", report)
-    return report
-
-
-def write_aggregate_report(
-    folder: Path, per_site: dict[str, dict], classes: list[str], *, title: str = "all sites", extra: dict | None = None
-) -> dict:
-    """The coordinator's report from the sites' aggregate metrics: pooled confusion matrix, per-class table, JSON.
-
-    Each site entry holds its `confusion-matrix` (flattened counts), `num-examples` and optionally
-    `per-class-auc`, `balanced-accuracy`, `macro-auc`, as the sites send them. ROC curves need
-    per-image scores, which never leave a site, so the coordinator's folder has none.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    size = len(classes)
-    pooled = np.zeros((size, size), dtype=np.int64)
-    sites = {}
-    for site, metrics in sorted(per_site.items()):
-        flat = np.asarray(metrics.get("confusion-matrix", []), dtype=np.int64)
-        if flat.size != size * size:
-            raise DataError(f"site {site} sent {flat.size} confusion counts for {size} classes; sites and server must use one class list")
-        confusion = flat.reshape(size, size)
-        pooled += confusion
-        sites[site] = {
-            "num_examples": int(metrics.get("num-examples", confusion.sum())),
-            **{key.replace("-", "_"): _finite(value) if not isinstance(value, list) else [_finite(v) for v in value]
-               for key, value in metrics.items() if key not in ("confusion-matrix", "num-examples")},
-            "confusion_matrix": confusion.tolist(),
-        }
-    summary = metrics_from_confusion(pooled)
-    support = pooled.sum(axis=1)
-    rows = {}
-    for index, name in enumerate(classes):
-        aucs = [
-            (entry["per_class_auc"][index], entry["num_examples"])
-            for entry in sites.values()
-            if entry.get("per_class_auc") and entry["per_class_auc"][index] is not None
-        ]
-        weight = sum(count for _, count in aucs)
-        rows[name] = {
-            "support": int(support[index]),
-            "recall": summary["recall"][index],
-            "precision": summary["precision"][index],
-            "auc": sum(value * count for value, count in aucs) / weight if weight else None,
-        }
-    write_table(folder, rows, AGGREGATE_TABLE_COLUMNS)
-    plot_confusion_matrix(pooled, classes, folder / "confusion_matrix.png", f"{title}: pooled confusion matrix")
-    mean_site_balanced = [entry.get("balanced_accuracy") for entry in sites.values() if entry.get("balanced_accuracy") is not None]
-    report = {
-        "scope": "aggregate metrics sent by the sites (confusion counts, per-class AUCs); no images or per-image scores",
-        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "classes": classes,
-        "num_examples": int(pooled.sum()),
-        "pooled": {
-            "accuracy": summary["accuracy"],
-            "balanced_accuracy": summary["balanced_accuracy"],
-            "confusion_matrix": pooled.tolist(),
-            "per_class": rows,
-        },
-        "mean_site_balanced_accuracy": float(np.mean(mean_site_balanced)) if mean_site_balanced else None,
-        "sites": sites,
-        **(extra or {}),
-    }
-    _write_json(folder / "report.json", report)
+    write_json_atomically(folder / "metrics.json", report)
     return report
 
 
@@ -401,7 +290,7 @@ def write_end_of_run_report(
         name: {"global": global_report["metrics"][name], "personalised": personal_report["metrics"][name]}
         for name in ("balanced_accuracy", "accuracy", "macro_auc")
     } | {"model_file": str(model_path), "epochs": run.report.personalise_epochs}
-    _write_json(Path(folder) / "metrics.json", global_report)
+    write_json_atomically(Path(folder) / "metrics.json", global_report)
     return global_report
 
 

@@ -209,7 +209,7 @@ def check_site_key(path: Path | None, site: str) -> Path:
 
 def resolve_state_dir(settings: SiteSettings) -> Path:
     """Where this site's node config and SuperNode log live."""
-    from server.certs import site_file_stem
+    from shared.site_names import site_file_stem
 
     if settings.state_dir is not None:
         return Path(settings.state_dir).expanduser().resolve()

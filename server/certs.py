@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import ipaddress
 import os
 import re
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.errors import ConfigError, SkinFLError
+from shared.site_names import site_file_stem
 from shared.version import add_version_option
 
 CA_KEY = "ca.key"
@@ -44,16 +44,6 @@ class WrittenFile:
     """One file written by skin-fl-certs, relative to the output folder."""
 
     path: str
-
-
-def site_file_stem(site: str) -> str:
-    """File-name-safe stem for a site name ("St Mary's" -> "st-marys", "Charité" -> "charite")."""
-    ascii_name = unicodedata.normalize("NFKD", site).encode("ascii", "ignore").decode("ascii").replace("'", "")
-    stem = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")
-    if not stem:
-        # A name with no ASCII letters or digits still needs a stable, distinct file name.
-        stem = "site-" + hashlib.sha256(site.encode("utf-8")).hexdigest()[:10]
-    return stem
 
 
 def init_credentials(

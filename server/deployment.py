@@ -23,6 +23,7 @@ from server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, SITES_DIR, registered
 from server.nginx_proxy import ProxySettings, find_nginx, nginx_command, write_config
 from server.round_summary import RoundFollower
 from shared.errors import ConfigError, SkinFLError
+from shared.executables import venv_executable
 
 LOOPBACK = "127.0.0.1"
 CONNECTION_NAME = "skin-fl"
@@ -161,19 +162,6 @@ def ensure_port_free(host: str, port: int, what: str, option: str) -> None:
                 f"port {port} on {host} ({what}) is not available: {error.strerror}. Stop the program using it "
                 f"(see 'ss -ltnp | grep :{port}') or choose another port with {option}."
             ) from error
-
-
-def venv_executable(name: str) -> str:
-    """A console script installed next to this Python (the venv's bin), else found on PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file():
-        return str(beside)
-    from shutil import which
-
-    found = which(name)
-    if found is None:
-        raise ConfigError(f"{name} is not installed; install skin-fl with 'pip install -e .' in this environment.")
-    return found
 
 
 def flower_environment(layout: StateLayout) -> dict[str, str]:

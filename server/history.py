@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 from shared.durable_files import replaced_atomically, write_json_atomically
-
-
-def _finite_or_none(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, list):
-        return [_finite_or_none(item) for item in value]
-    return value
+from shared.json_values import finite_or_none
 
 
 class MetricHistory:
@@ -46,12 +38,12 @@ class MetricHistory:
     ) -> None:
         """Store the aggregated and per-site training metrics of a round, and the asked sites that did not reply."""
         entry = self._round(server_round)
-        entry["train"] = {key: _finite_or_none(value) for key, value in aggregate.items()}
+        entry["train"] = {key: finite_or_none(value) for key, value in aggregate.items()}
         entry["train_sites"] = sorted(per_site)
         entry["train_missing_sites"] = sorted(missing)
         entry["train_wall_seconds"] = seconds
         for site, metrics in per_site.items():
-            entry["sites"].setdefault(site, {})["train"] = {k: _finite_or_none(v) for k, v in metrics.items()}
+            entry["sites"].setdefault(site, {})["train"] = {k: finite_or_none(v) for k, v in metrics.items()}
         self.save()
 
     def record_evaluate(
@@ -59,12 +51,12 @@ class MetricHistory:
     ) -> None:
         """Store the aggregated and per-site evaluation metrics of a round, and the asked sites that did not reply."""
         entry = self._round(server_round)
-        entry["evaluate"] = {key: _finite_or_none(value) for key, value in aggregate.items()}
+        entry["evaluate"] = {key: finite_or_none(value) for key, value in aggregate.items()}
         entry["evaluate_sites"] = sorted(per_site)
         entry["evaluate_missing_sites"] = sorted(missing)
         entry["evaluate_wall_seconds"] = seconds
         for site, metrics in per_site.items():
-            entry["sites"].setdefault(site, {})["evaluate"] = {k: _finite_or_none(v) for k, v in metrics.items()}
+            entry["sites"].setdefault(site, {})["evaluate"] = {k: finite_or_none(v) for k, v in metrics.items()}
         self.save()
 
     def as_list(self) -> list[dict]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -14,6 +13,7 @@ from shared.durable_files import write_json_atomically
 from server.run_stop import RunStopped
 from shared.config import RunConfig
 from shared.errors import SkinFLError
+from shared.json_values import finite_or_none
 from shared.privacy.accounting import gan_round_label
 from shared.protocol import LEDGER_KEY, PRIVATE_SITES_KEY
 
@@ -211,17 +211,9 @@ class PrivacyBudget:
             "gan_phase_stopped_early": self.gan_stopped,
         }
         self.run_folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(self.run_folder / PRIVACY_FILE, _finite(payload))
+        write_json_atomically(self.run_folder / PRIVACY_FILE, finite_or_none(payload))
 
 
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return value
 
 
 def budget_stop_metadata(strategy) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from client.report import write_aggregate_report
+from server.aggregate_report import write_aggregate_report
 from server.strategy import site_name_of
 from shared.config import RoundInstructions, RunConfig
 from shared.protocol import FINAL_REPORT_KEY, INSTRUCTIONS_KEY

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from client.report import gallery_choices, site_report_folder, write_aggregate_report
+from client.report import gallery_choices, site_report_folder
+from server.aggregate_report import write_aggregate_report
 from shared.config import run_config_from_flower
 from shared.errors import DataError
 
