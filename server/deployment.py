@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import json
 import os
 import signal
@@ -24,6 +23,7 @@ from server.nginx_proxy import ProxySettings, find_nginx, nginx_command, write_c
 from server.round_summary import RoundFollower
 from shared.errors import ConfigError, SkinFLError
 from shared.executables import venv_executable
+from shared.network import is_loopback
 
 LOOPBACK = "127.0.0.1"
 CONNECTION_NAME = "skin-fl"
@@ -471,15 +471,6 @@ def _spawn(command: list[str], environment: dict[str, str], log_path: Path, cwd:
         return subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, stdin=subprocess.DEVNULL)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def prepare_coordinator(
     state_dir: Path,
     credentials_dir: Path | None,
@@ -491,7 +482,7 @@ def prepare_coordinator(
     say: Callable[[str], None] = print,
 ) -> Coordinator:
     """Check every input (credentials, ports, nginx) before anything starts; returns the ready Coordinator."""
-    if insecure and not _is_loopback(public_host):
+    if insecure and not is_loopback(public_host):
         raise ConfigError(
             f"--insecure (no TLS, no node authentication) listens on loopback only, not on {public_host}; "
             "drop --host, or run with --credentials for other machines to connect"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import tomllib
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from shared.config import StrictModel
 from shared.errors import ConfigError
+from shared.network import is_loopback
 
 DEFAULT_PORT = 8765
 DEFAULT_MALIGNANT_CLASSES = ("mel", "bcc", "akiec")
@@ -100,16 +100,6 @@ class WebSettings(StrictModel):
     def max_upload_bytes(self) -> int:
         """The per-file upload limit in bytes."""
         return int(self.max_upload_mb * 1024 * 1024)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` names this machine only (localhost, 127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 PATH_KEYS = ("models", "data_dir", "db_path", "users_file", "tls_certfile", "tls_keyfile")
