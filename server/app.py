@@ -18,6 +18,7 @@ from server.history import MetricHistory, write_json_atomically
 from server.model_selection import best_validation_round
 from server.site_reports import request_site_reports
 from server.privacy_budget import budget_stop_metadata
+from server.prompt_grid import PromptGrid
 from server.run_stop import start_until_stopped
 from server.plots import plot_history
 from server.resume import find_resume_point, gan_phase_needed, note_resume, restore_history
@@ -136,7 +137,7 @@ def create_server_app(
         settings = run if run is not None else run_config_from_flower(flat)
         folder = resume or run_folder or new_run_folder(Path(os.environ.get(RUNS_DIR_ENV, "runs")), name=f"run-{context.run_id}")
         logger.info("skin-fl run folder: %s", folder)
-        run_federation(grid, settings, folder, num_sites=num_sites, resume_folder=resume)
+        run_federation(PromptGrid(grid), settings, folder, num_sites=num_sites, resume_folder=resume)
 
     return app
 
