@@ -19,6 +19,7 @@ from shared.durable_files import write_json_atomically
 from server.model_selection import best_validation_round
 from server.site_reports import request_site_reports
 from server.privacy_budget import budget_stop_metadata
+from server.prompt_grid import PromptGrid
 from server.run_stop import start_until_stopped
 from server.screened_grid import ScreenedGrid
 from server.plots import plot_history
@@ -143,7 +144,7 @@ def create_server_app(
         folder = resume or run_folder or new_run_folder(Path(os.environ.get(RUNS_DIR_ENV, "runs")), name=f"run-{context.run_id}")
         if run_folder is None:
             logger.info("skin-fl run folder: %s", folder)
-        run_federation(grid, settings, folder, num_sites=num_sites, resume_folder=resume)
+        run_federation(PromptGrid(grid), settings, folder, num_sites=num_sites, resume_folder=resume)
 
     return app
 

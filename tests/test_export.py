@@ -19,6 +19,7 @@ def _saved(model, name: str, size: int) -> SavedClassifier:
     return SavedClassifier(model_name=name, classes=CLASSES, preprocess=PreprocessConfig(image_size=size), mean=mean, std=std)
 
 
+@pytest.mark.slow  # exports and runs full-size models in ONNX Runtime (10-30 s each on a loaded 2-core machine)
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18"])
 def test_onnx_runtime_matches_pytorch_probabilities_and_gradcam(tmp_path, name):
     torch.manual_seed(0)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from shared.data.demo import write_demo_dataset
 from simulation.message_imports import HEAVY_MODULES, MESSAGE_TYPES, heavy_modules_loaded
 
@@ -18,6 +20,7 @@ def test_heavy_modules_are_found_by_their_package_name():
     assert {"opacus", "sklearn", "matplotlib", "onnx", "fastapi", "shared.gan"} <= set(HEAVY_MODULES)
 
 
+@pytest.mark.slow  # a fresh process imports the whole stack and handles four messages
 def test_classifier_messages_import_no_dp_gan_report_or_web_libraries(tmp_path):
     data = write_demo_dataset(tmp_path / "site", format="ham10000", num_images=56, num_sites=1, seed=3)
     completed = subprocess.run(

@@ -207,6 +207,7 @@ def _assert_exact_per_sample_gradients(model: nn.Module, images: torch.Tensor, l
     wrapped._close()
 
 
+@pytest.mark.slow  # full-size models, one backward per image: the longest unit checks (20-40 s each on a loaded 2-core machine)
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18", "efficientnet_b0"])
 def test_per_sample_gradients_of_every_offered_architecture_match_one_backward_per_image_in_channels_last(name):
     """Both modes, on channels-last images as training feeds them (Opacus's own hooks-mode convolution sampler fails there)."""

@@ -1,4 +1,4 @@
-"""End to end: a real Flower simulation of 3 demo sites x 2 rounds, pooled baseline, then skin-fl-eval."""
+"""End to end: a real Flower simulation of 3 demo sites x 2 rounds (the shared `demo_simulation`), pooled baseline, then skin-fl-eval."""
 
 import json
 import subprocess
@@ -13,28 +13,13 @@ from shared.models.classifier import load_classifier
 pytestmark = pytest.mark.slow
 
 
-def _ray_processes() -> set[str]:
-    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return {line.split()[0] for line in listing.splitlines() if "raylet" in line or "gcs_server" in line}
-
-
 def _run(args, cwd):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
 
 
-def test_three_site_simulation_writes_the_run_folder_and_scores_an_unseen_folder(tmp_path):
-    ray_before = _ray_processes()
-    result = _run(
-        [
-            "-m", "simulation.cli",
-            "--demo-images", "150", "--rounds", "2", "--image-size", "64", "--batch-size", "16", "--batch-norm", "recalibrate",
-            "--centralised", "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
-        ],
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_three_site_simulation_writes_the_run_folder_and_scores_an_unseen_folder(demo_simulation):
+    result, run_folder, tmp_path = demo_simulation.result, demo_simulation.run_folder, demo_simulation.folder
     assert "overall" in result.stdout and "Pooled (centralised" in result.stdout
-    (run_folder,) = (tmp_path / "runs").iterdir()
 
     history = json.loads((run_folder / "history.json").read_text())["rounds"]
     assert [entry["round"] for entry in history] == [1, 2]
@@ -57,7 +42,7 @@ def test_three_site_simulation_writes_the_run_folder_and_scores_an_unseen_folder
     selected, _ = load_classifier(run_folder / "checkpoints" / f"round_{best:03d}.pt")
     assert torch.allclose(model.get_classifier().weight, selected.get_classifier().weight / temperature, atol=1e-6)
     assert torch.equal(model.conv_stem.weight, selected.conv_stem.weight)
-    assert _ray_processes() <= ray_before, "skin-fl-sim left Ray processes running"
+    assert demo_simulation.ray_after <= demo_simulation.ray_before, "skin-fl-sim left Ray processes running"
 
     unseen = write_demo_dataset(tmp_path / "unseen", format="folder", num_images=60, seed=7)
     evaluation = _run(
