@@ -29,12 +29,28 @@ def add_privacy_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--trainable-stages",
         type=int,
-        help="local: train only the last N feature stages and the head (0 = head only), the rest frozen pretrained (default: all)",
+        help="local, recipe fine-tune: train only the last N feature stages and the head (0 = head only), the rest frozen "
+        "pretrained (default: all; giving it picks the fine-tune recipe)",
     )
+    group.add_argument(
+        "--dp-recipe",
+        choices=["linear-head", "fine-tune"],
+        help="local: linear-head (default) trains the classification layer over cached frozen features; fine-tune trains "
+        "the network (or --trainable-stages of it) on images",
+    )
+    group.add_argument("--head-steps-per-round", type=int, help="local, linear-head: DP-SGD steps of the head per round")
+    group.add_argument("--head-batch-size", type=int, help="local, linear-head: expected Poisson batch (default: every image)")
+    group.add_argument("--head-learning-rate", type=float, help="local, linear-head: SGD rate of the head")
+    group.add_argument("--head-momentum", type=float, help="local, linear-head: SGD momentum of the head")
 
 
 def privacy_config_from_args(args: argparse.Namespace) -> PrivacyConfig:
     """The validated privacy settings the command line describes (ValueError with the fix when inconsistent)."""
+    head = {
+        name: getattr(args, name)
+        for name in ("head_steps_per_round", "head_batch_size", "head_learning_rate", "head_momentum")
+        if getattr(args, name) is not None
+    }
     return PrivacyConfig(
         mode=args.privacy,
         target_epsilon=args.target_epsilon,
@@ -44,6 +60,8 @@ def privacy_config_from_args(args: argparse.Namespace) -> PrivacyConfig:
         poisson_sampling=not args.no_poisson_sampling,
         grad_sample_mode=args.grad_sample_mode,
         trainable_stages=args.trainable_stages,
+        recipe=args.dp_recipe,
+        **head,
     )
 
 
@@ -61,9 +79,11 @@ def print_privacy_outcome(run, run_folder: Path, summary: dict) -> None:
         "stopped_early": privacy["stopped_early"],
     }
     if run.privacy.local:
-        per_site = ", ".join(f"{site} {entry['epsilon']:.3f}" for site, entry in sorted(privacy["sites"].items()))
         budget = f" of budget {privacy['epsilon_budget']}" if privacy["epsilon_budget"] is not None else ""
-        print(f"privacy (DP-SGD, delta {privacy['delta']}): epsilon spent {privacy['epsilon_spent_max']:.3f}{budget}; per site: {per_site}")
+        print(f"privacy (DP-SGD, {run.privacy.recipe}, delta {privacy['delta']}): epsilon spent {privacy['epsilon_spent_max']:.3f}{budget}")
+        for site, entry in sorted(privacy["sites"].items()):
+            sampling = f", sampling rate {entry['sample_rate']:.3f}, {entry['steps']} steps in its last round" if "steps" in entry else ""
+            print(f"  {site}: epsilon {entry['epsilon']:.3f}, noise multiplier {entry['noise_multiplier']:.2f}{sampling}")
     else:
         print(f"privacy (central): noise multiplier {run.privacy.noise_multiplier}, clipping norm {run.privacy.max_grad_norm}")
     if privacy["stopped_early"]:

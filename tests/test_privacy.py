@@ -37,12 +37,13 @@ CLASSES = ["mel", "nv", "bcc"]
 
 
 def _run(**privacy) -> RunConfig:
+    """A run of the fine-tune recipe (tests/test_private_head.py covers the linear-head default)."""
     return RunConfig(
         classes=CLASSES,
         model={"name": "resnet18", "pretrained": "none"},
         train={"batch_size": 4, "balance": "none", "augment": False, "progress": False, "max_steps_per_epoch": 2},
         federation={"rounds": 3},
-        privacy={**LOCAL, **privacy},
+        privacy={**LOCAL, "recipe": "fine-tune", **privacy},
     )
 
 

@@ -27,7 +27,7 @@ def test_dp_simulation_reports_epsilon_every_round_and_stops_cleanly_at_the_budg
             sys.executable, "-m", "simulation.cli",
             "--demo-images", "120", "--rounds", "4", "--image-size", "32", "--batch-size", "8",
             "--max-steps-per-epoch", "2", "--balance", "none", "--pretrained", "none",
-            "--privacy", "local", "--noise-multiplier", "1.0", "--target-epsilon", str(budget),
+            "--privacy", "local", "--dp-recipe", "fine-tune", "--noise-multiplier", "1.0", "--target-epsilon", str(budget),
             "--target-delta", "1e-3", "--max-grad-norm", "1.0",
             "--gan-rounds", "1", "--gan-image-size", "32", "--gan-channels", "8", "--gan-local-steps", "2", "--gan-batch-size", "8",
             "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
@@ -134,7 +134,8 @@ def test_nothing_but_weights_and_aggregate_metrics_leaves_a_site(tmp_path):
         preprocess={"image_size": 32},
         train={"batch_size": 8, "balance": "none", "max_steps_per_epoch": 1, "progress": False},
         federation={"rounds": 1, "min_sites": 1},
-        privacy={"mode": "local", "target_epsilon": 8.0, "noise_multiplier": 1.0, "target_delta": 1e-3, "max_grad_norm": 1.0},
+        privacy={"mode": "local", "target_epsilon": 8.0, "noise_multiplier": 2.0, "target_delta": 1e-3, "max_grad_norm": 1.0,
+                 "head_steps_per_round": 1},
         gan={"rounds": 1, "image_size": 32, "channels": 8, "latent_dim": 16, "local_steps": 2, "batch_size": 8},
         report={"gallery_per_class": 0},
     )
@@ -175,7 +176,7 @@ def test_nothing_but_weights_and_aggregate_metrics_leaves_a_site(tmp_path):
             chunk = pixels[row].tobytes()[1024:1088]
             assert chunk not in wire, f"pixels of a {name} image left the site"
 
-    classifier_reference = prepare_for_private_training(build_classifier(run.model, num_classes=len(CLASSES))).state_dict()
+    classifier_reference = prepare_for_private_training(build_classifier(run.model, num_classes=len(CLASSES)), run.privacy.prepared_stages).state_dict()
     gan_reference = {name: torch.as_tensor(array) for name, array in gan_to_arrays(*build_gan(run.gan, len(CLASSES))).items()}
     num_classes = len(CLASSES)
     for content in replies:
