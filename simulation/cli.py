@@ -13,7 +13,7 @@ from pathlib import Path
 from shared.config import DEFAULT_MODEL, FederationConfig, ModelConfig, PreprocessConfig, RunConfig, TrainConfig
 from shared.errors import SkinFLError
 from simulation.gan_options import add_gan_options, gan_config_from_args, print_gan_outcome
-from simulation.privacy_options import add_privacy_options, print_privacy_outcome, privacy_config_from_args
+from simulation.privacy_options import add_privacy_options, print_privacy_outcome, print_privacy_plan, privacy_config_from_args
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("SKIN_FL_CACHE_DIR", Path.home() / ".cache" / "skin-fl"))
 logger = logging.getLogger("skin_fl.sim")
@@ -216,6 +216,7 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
         sites, run, run_folder=run_folder, cache_root=Path(args.cache_dir) / "images", threads_per_site=threads, skip_bad=args.skip_bad
     )
     print("Images per site and class:\n" + simulated.count_table)
+    print_privacy_plan(run, {site: len(images.select("train")) for site, images in simulated.images.items()})
 
     started = time.monotonic()
     run_simulation(

@@ -55,7 +55,8 @@ def _run_config(args, classes: list[str], epsilon: float | None, seed: int):
         classes=classes,
         model={"name": args.model},
         preprocess={"image_size": args.image_size},
-        train={"balance": "none", "progress": False},
+        # fp32: on a CPU with bf16 instructions "auto" measures which is faster, so the features could differ per run.
+        train={"balance": "none", "progress": False, "amp": "off"},
         federation={"rounds": args.rounds},
         privacy=privacy,
         seed=seed,

@@ -65,6 +65,44 @@ def privacy_config_from_args(args: argparse.Namespace) -> PrivacyConfig:
     )
 
 
+def print_privacy_plan(run, training_sizes: dict[str, int]) -> None:
+    """Before training: each site's noise multiplier, sampling rate, steps and epsilon, and a warning for the sites
+    whose steps would be mostly noise even at best.
+
+    The best case of a step's signal is every sampled image's clipped gradient pointing the same
+    way (norm sampling rate x images x clipping norm); the noise norm is noise multiplier x
+    clipping norm x sqrt(trained parameters). Over a round's steps the signal adds up and the
+    noise grows as the square root of the steps: when even the best round ratio is below 1, the
+    site's update is mostly noise whatever its data. Each site also measures the step ratio on its
+    own features before its steps (linear-head recipe) and warns in its log.
+    """
+    import math
+
+    from shared.models.classifier import build_classifier
+    from shared.privacy.accounting import RoundSchedule, epsilon_of, planned_phases
+    from shared.privacy.head_training import MOSTLY_NOISE
+    from shared.privacy.model_preparation import prepare_for_private_training
+
+    if not run.privacy.local:
+        return
+    model = prepare_for_private_training(
+        build_classifier(run.model.model_copy(update={"pretrained": "none"}), len(run.classes)), run.privacy.prepared_stages
+    )
+    trained = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    print(f"privacy plan (DP-SGD, {run.privacy.recipe}, {trained} trained parameters, delta {run.privacy.target_delta}), per site:")
+    for site, size in sorted(training_sizes.items()):
+        schedule = RoundSchedule.for_site(run, size)
+        whole_run = epsilon_of([(schedule.noise_multiplier, rate, steps) for rate, steps in planned_phases(run, size)], run.privacy.target_delta)
+        best = schedule.sample_rate * size / (schedule.noise_multiplier * math.sqrt(trained))
+        print(f"  {site}: {size} training images, noise multiplier {schedule.noise_multiplier:.2f}, sampling rate "
+              f"{schedule.sample_rate:.3f}, {schedule.steps} steps a round, epsilon {whole_run:.2f} over the run, "
+              f"signal-to-noise of a step at most {best:.2f}")
+        if best * math.sqrt(schedule.steps) < MOSTLY_NOISE:
+            print(f"  warning: {site}'s updates will be mostly noise at this epsilon (even perfectly aligned clipped "
+                  "gradients summed over a round are smaller than the round's noise); raise the epsilon, train fewer "
+                  "parameters, or pool its images with a larger site")
+
+
 def print_privacy_outcome(run, run_folder: Path, summary: dict) -> None:
     """Print (and add to the summary) the epsilon the sites spent and why the run stopped early, if it did."""
     path = Path(run_folder) / "privacy.json"

@@ -163,3 +163,14 @@ def test_the_curve_table_gives_mean_and_spread_over_seeds_and_the_ratio_to_the_n
     assert rows[0]["ratio_to_no_noise"] == pytest.approx(0.8) and rows[0]["balanced_accuracy_sd"] == 0.0
     assert rows[1]["balanced_accuracy_sd"] == pytest.approx(np.std([0.5, 0.6], ddof=1))
     assert "| 8 | 2 | 0.440 ± 0.000 | 0.800 ± 0.000 | 0.80 |" in table and "0.632" in table
+
+
+def test_the_privacy_plan_shows_every_site_and_warns_only_for_the_one_too_small_for_its_epsilon(capsys):
+    from simulation.privacy_options import print_privacy_plan
+
+    run = _run(rounds=5, target_epsilon=8.0, target_delta=1e-5, head_steps_per_round=20)
+    print_privacy_plan(run, {"large": 5000, "tiny": 30})
+    printed = capsys.readouterr().out
+    assert "large: 5000 training images" in printed and "tiny: 30 training images" in printed
+    assert "sampling rate 1.000, 20 steps a round, epsilon 7.9" in printed and "3843 trained parameters" in printed
+    assert "warning: tiny's updates will be mostly noise" in printed and "warning: large" not in printed

@@ -67,7 +67,9 @@ def frozen_features(
     is the same weights), so the features of a site are computed in its first round and reused;
     with `cache_dir` they are also kept on disk, named by the digests of the weights and images.
     """
-    key = f"{frozen_part_fingerprint(model)}-{_images_fingerprint(images)}-{precision.name}"
+    # Not keyed by precision: features of one network under bf16 or fp32 serve the head alike, and a site
+    # whose automatic precision choice changes between rounds keeps its features.
+    key = f"{frozen_part_fingerprint(model)}-{_images_fingerprint(images)}"
     stored = Path(cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()}.pt" if cache_dir is not None else None
     if key in _cache:
         _cache.move_to_end(key)
