@@ -71,9 +71,9 @@ def print_privacy_plan(run, training_sizes: dict[str, int]) -> None:
 
     The best case of a step's signal is every sampled image's clipped gradient pointing the same
     way (norm sampling rate x images x clipping norm); the noise norm is noise multiplier x
-    clipping norm x sqrt(trained parameters). Over a round's steps the signal adds up and the
-    noise grows as the square root of the steps: when even the best round ratio is below 1, the
-    site's update is mostly noise whatever its data. Each site also measures the step ratio on its
+    clipping norm x sqrt(trained parameters). Over the run's classifier steps the signal adds up
+    and the noise grows as the square root of the steps: when even that best ratio is below 1,
+    the site's updates are mostly noise whatever its data. Each site also measures the step ratio on its
     own features before its steps (linear-head recipe) and warns in its log.
     """
     import math
@@ -97,9 +97,9 @@ def print_privacy_plan(run, training_sizes: dict[str, int]) -> None:
         print(f"  {site}: {size} training images, noise multiplier {schedule.noise_multiplier:.2f}, sampling rate "
               f"{schedule.sample_rate:.3f}, {schedule.steps} steps a round, epsilon {whole_run:.2f} over the run, "
               f"signal-to-noise of a step at most {best:.2f}")
-        if best * math.sqrt(schedule.steps) < MOSTLY_NOISE:
+        if best * math.sqrt(schedule.steps * run.federation.rounds) < MOSTLY_NOISE:
             print(f"  warning: {site}'s updates will be mostly noise at this epsilon (even perfectly aligned clipped "
-                  "gradients summed over a round are smaller than the round's noise); raise the epsilon, train fewer "
+                  "gradients summed over the run are smaller than their noise); raise the epsilon, train fewer "
                   "parameters, or pool its images with a larger site")
 
 

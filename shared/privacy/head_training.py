@@ -20,8 +20,9 @@ from shared.privacy.model_preparation import is_prepared_for_privacy, prepared_t
 
 logger = logging.getLogger(__name__)
 MOSTLY_NOISE = 1.0
-"""A site is warned when a round's noise is larger than its summed clipped gradients: the step ratio x sqrt(steps)
-(signals add up over the steps, independent noise grows as the square root) below this."""
+"""A site is warned when the noise of all its classifier steps in the run is larger than their summed clipped
+gradients: the step ratio x sqrt(steps in the run) (signals add up over the steps, independent noise grows as
+the square root) below this."""
 
 
 def noisy_class_counts(
@@ -105,11 +106,11 @@ def train_private_head(
 
     head = model.get_classifier()
     ratio = signal_to_noise(head, features, labels, logit_shift, schedule, privacy.max_grad_norm)
-    if ratio * math.sqrt(schedule.steps) < MOSTLY_NOISE:
+    if ratio * math.sqrt(schedule.steps * run.federation.rounds) < MOSTLY_NOISE:
         logger.warning(
-            "%s: at epsilon %s this site's update is mostly noise (measured signal-to-noise of a step %.2f: over a "
-            "round the expected noise norm is larger than the summed clipped gradients; %d images, noise multiplier "
-            "%.2f, sampling rate %.3f, %d steps a round); its update will add little: raise the epsilon, or pool "
+            "%s: at epsilon %s this site's updates are mostly noise (measured signal-to-noise of a step %.2f: over "
+            "the run's steps the expected noise norm is larger than the summed clipped gradients; %d images, noise "
+            "multiplier %.2f, sampling rate %.3f, %d steps a round); they will add little: raise the epsilon, or pool "
             "more images at it",
             ledger.site, privacy.target_epsilon, ratio, len(images), schedule.noise_multiplier, schedule.sample_rate, schedule.steps,
         )
