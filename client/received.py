@@ -43,7 +43,7 @@ def receive(message: Message, context: Context, source) -> ReceivedRound:
     device = resolve_device(run.train.device)
     model = build_classifier(run.model, num_classes=len(run.classes))
     if run.privacy.mode != "off":
-        prepare_for_private_training(model, run.privacy.trainable_stages)
+        prepare_for_private_training(model, run.privacy.prepared_stages)
     arrays = {name: array.numpy() for name, array in message.content["arrays"].items()}
     load_arrays_into(model, arrays)
     return ReceivedRound(instructions, run, site, device, model.to(device), arrays)

@@ -68,7 +68,7 @@ def run_federation(
     seed_everything(run.seed)
     model = build_classifier(run.model, num_classes=len(run.classes))
     if run.privacy.mode != "off":
-        prepare_for_private_training(model, run.privacy.trainable_stages)
+        prepare_for_private_training(model, run.privacy.prepared_stages)
     history = MetricHistory(run_folder) if resume is None else restore_history(resume)
     if run.gan.active and gan_phase_needed(resume):
         run_gan_phase(grid, run, run_folder, feature_classifier_for(run, model), num_sites=num_sites)

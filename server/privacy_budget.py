@@ -175,6 +175,8 @@ class PrivacyBudget:
                 "epsilon": float(metrics["epsilon"]),
                 "epsilon_next_round": float(metrics["epsilon-next-round"]),
                 "noise_multiplier": float(metrics["noise-multiplier"]),
+                "sample_rate": float(metrics.get("sample-rate", float("nan"))),
+                "steps": int(metrics.get("dp-steps", 0)),
                 "round": server_round,
             }
             for site, metrics in _site_privacy_metrics(replies, f"round {server_round}").items()

@@ -287,6 +287,12 @@ class GanConfig(StrictModel):
         return self.rounds > 0 or self.augment
 
 
+HEAD_STEPS_PER_ROUND = 20
+HEAD_LEARNING_RATE = 0.01
+HEAD_MOMENTUM = 0.9
+"""Defaults of the linear-head DP recipe, from `python -m simulation.privacy_benchmark --curve` (see README)."""
+
+
 class PrivacyConfig(StrictModel):
     """Differential privacy of what sites send: off, DP-SGD at every site (local), or server-side noise (central)."""
 
@@ -306,14 +312,35 @@ class PrivacyConfig(StrictModel):
         None, gt=0, description="Local: per-sample gradient clipping norm (replaces train.grad_clip_norm); central: clipping norm of each site's update."
     )
     poisson_sampling: bool = Field(True, description="Local: Poisson-sampled batches, which the RDP accounting assumes.")
+    recipe: Literal["linear-head", "fine-tune"] | None = Field(
+        None,
+        description="Local: what DP-SGD trains. linear-head = only the classification layer, over the frozen "
+        "pretrained network's features computed once per site (BatchNorm statistics as learnt, no augmentation), "
+        "full-batch steps, class balance from noisy class counts that the budget pays for; fine-tune = the "
+        "network (or its last trainable_stages stages) on augmented images. None: fine-tune when trainable_stages "
+        "is given, else linear-head.",
+    )
     trainable_stages: int | None = Field(
         None,
         ge=0,
         le=16,
-        description="Local: train only the classifier's last N feature stages and its head under DP-SGD (0 = the "
-        "classification layer only, a linear probe); the layers before stay frozen with their pretrained BatchNorm "
+        description="Local, recipe fine-tune: train only the classifier's last N feature stages and its head under "
+        "DP-SGD (0 = the classification layer only); the layers before stay frozen with their pretrained BatchNorm "
         "statistics. Fewer noised parameters and faster steps; None = the whole network.",
     )
+    head_steps_per_round: int = Field(
+        HEAD_STEPS_PER_ROUND, ge=1, le=100000, description="Local, recipe linear-head: DP-SGD steps of the head per site and round."
+    )
+    head_batch_size: int | None = Field(
+        None,
+        ge=2,
+        description="Local, recipe linear-head: expected Poisson batch of a head step (None: every image in every "
+        "step, the least noise per image).",
+    )
+    head_learning_rate: float = Field(
+        HEAD_LEARNING_RATE, gt=0, le=100, description="Local, recipe linear-head: SGD rate of the head (constant; the mean clipped gradient is small)."
+    )
+    head_momentum: float = Field(HEAD_MOMENTUM, ge=0, lt=1, description="Local, recipe linear-head: SGD momentum of the head.")
     grad_sample_mode: Literal["auto", "hooks", "functorch", "ghost"] = Field(
         "auto",
         description="Local: how Opacus computes per-sample gradients of the classifier; auto = the fastest measured for the "
@@ -327,7 +354,15 @@ class PrivacyConfig(StrictModel):
             for name in ("target_epsilon", "target_delta", "noise_multiplier", "max_grad_norm", "trainable_stages")
             if getattr(self, name) is not None
         ]
-        defaults = (("poisson_sampling", True), ("grad_sample_mode", "auto"))
+        defaults = (
+            ("poisson_sampling", True),
+            ("grad_sample_mode", "auto"),
+            ("recipe", None),
+            ("head_steps_per_round", HEAD_STEPS_PER_ROUND),
+            ("head_batch_size", None),
+            ("head_learning_rate", HEAD_LEARNING_RATE),
+            ("head_momentum", HEAD_MOMENTUM),
+        )
         changed = [name for name, default in defaults if getattr(self, name) != default]
         if self.mode == "off":
             if given or changed:
@@ -345,13 +380,21 @@ class PrivacyConfig(StrictModel):
                     f"local differential privacy is partly configured: {missing} missing; give target_delta, "
                     "max_grad_norm and a target_epsilon (noise calibrated to it) or a noise_multiplier"
                 )
+            if self.recipe == "linear-head" and self.trainable_stages is not None:
+                raise ValueError(
+                    "privacy.trainable_stages chooses what the fine-tune recipe trains, but privacy.recipe is "
+                    "'linear-head' (the classification layer only); drop trainable_stages or set recipe 'fine-tune'"
+                )
+            if self.recipe is None:
+                self.recipe = "fine-tune" if self.trainable_stages is not None else "linear-head"
             return self
         if self.noise_multiplier is None or self.max_grad_norm is None:
             raise ValueError(
                 "central differential privacy needs noise_multiplier and max_grad_norm (the clipping norm of a "
                 "site's update); give both"
             )
-        unused = [name for name in ("target_epsilon", "target_delta", "trainable_stages") if getattr(self, name) is not None] + changed
+        unused = [name for name in ("target_epsilon", "target_delta", "trainable_stages", "recipe") if getattr(self, name) is not None]
+        unused += [name for name in changed if name not in unused]
         if unused:
             raise ValueError(
                 f"{unused} apply to local DP-SGD only; central mode (server-side clipping and noise) has no "
@@ -363,6 +406,16 @@ class PrivacyConfig(StrictModel):
     def local(self) -> bool:
         """Whether every site trains with DP-SGD."""
         return self.mode == "local"
+
+    @property
+    def linear_head(self) -> bool:
+        """Whether every site trains only the classification layer over cached frozen features (local DP)."""
+        return self.local and self.recipe == "linear-head"
+
+    @property
+    def prepared_stages(self) -> int | None:
+        """The `trainable_stages` a model is prepared with for this run: 0 for the linear head."""
+        return 0 if self.linear_head else self.trainable_stages
 
 
 class ReportConfig(StrictModel):
@@ -529,6 +582,11 @@ FLOWER_RUN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "privacy-poisson-sampling": ("privacy", "poisson_sampling"),
     "privacy-grad-sample-mode": ("privacy", "grad_sample_mode"),
     "privacy-trainable-stages": ("privacy", "trainable_stages"),
+    "privacy-recipe": ("privacy", "recipe"),
+    "privacy-head-steps-per-round": ("privacy", "head_steps_per_round"),
+    "privacy-head-batch-size": ("privacy", "head_batch_size"),
+    "privacy-head-learning-rate": ("privacy", "head_learning_rate"),
+    "privacy-head-momentum": ("privacy", "head_momentum"),
     "site-reports": ("report", "site_reports"),
     "report-gallery-size": ("report", "gallery_per_class"),
     "report-gradcam-method": ("report", "gradcam_method"),
@@ -554,6 +612,8 @@ def flower_value_to_setting(key: str, value):
     if key in ("gan-generator", "gan-feature-classifier") and value == "":
         return None
     if key == "privacy-trainable-stages" and value == _WHOLE_NETWORK:
+        return None
+    if (key == "privacy-recipe" and value == "") or (key == "privacy-head-batch-size" and value == _UNSET_NUMBER):
         return None
     return value
 

@@ -22,9 +22,9 @@ from shared.config import (
 )
 from shared.console import configure_console
 from shared.errors import SkinFLError
-from simulation.gan_options import add_gan_options, gan_config_from_args, print_gan_outcome
-from simulation.privacy_options import add_privacy_options, print_privacy_outcome, privacy_config_from_args
 from shared.version import add_version_option
+from simulation.gan_options import add_gan_options, gan_config_from_args, print_gan_outcome
+from simulation.privacy_options import add_privacy_options, print_privacy_outcome, print_privacy_plan, privacy_config_from_args
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("SKIN_FL_CACHE_DIR", Path.home() / ".cache" / "skin-fl"))
 logger = logging.getLogger("skin_fl.sim")
@@ -275,6 +275,7 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
         sites, run, run_folder=run_folder, cache_root=Path(args.cache_dir) / "images", threads_per_site=threads, skip_bad=args.skip_bad
     )
     print("Images per site and class:\n" + simulated.count_table)
+    print_privacy_plan(run, {site: len(images.select("train")) for site, images in simulated.images.items()})
 
     started = time.monotonic()
     run_simulation(

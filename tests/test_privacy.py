@@ -37,12 +37,13 @@ CLASSES = ["mel", "nv", "bcc"]
 
 
 def _run(**privacy) -> RunConfig:
+    """A run of the fine-tune recipe (tests/test_private_head.py covers the linear-head default)."""
     return RunConfig(
         classes=CLASSES,
         model={"name": "resnet18", "pretrained": "none"},
         train={"batch_size": 4, "balance": "none", "augment": False, "progress": False, "max_steps_per_epoch": 2},
         federation={"rounds": 3},
-        privacy={**LOCAL, **privacy},
+        privacy={**LOCAL, "recipe": "fine-tune", **privacy},
     )
 
 
@@ -133,6 +134,9 @@ def test_head_only_preparation_freezes_the_backbone_with_its_batch_norm_statisti
     prepare_for_private_training(model, trainable_stages=0)
     trained = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
     assert trained == [first_trained, first_trained.replace("weight", "bias")]
+    assert all(not parameter.any() for parameter in model.get_classifier().parameters())  # a linear probe starts at zero
+    with torch.no_grad():
+        model.get_classifier().weight.normal_()  # as after training, so the saved and loaded outputs differ from zero
     frozen_norms = [module for module in model.modules() if isinstance(module, (FrozenBatchNorm2d, FrozenBatchNormAct2d))]
     assert frozen_norms and torch.all(frozen_norms[0].running_mean == 0.25)
     assert not any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())

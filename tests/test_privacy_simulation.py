@@ -32,7 +32,7 @@ def test_dp_simulation_reports_epsilon_every_round_and_stops_cleanly_at_the_budg
             sys.executable, "-m", "simulation.cli",
             "--demo-images", "120", "--rounds", "4", "--image-size", "32", "--batch-size", "8",
             "--max-steps-per-epoch", "2", "--balance", "none", "--pretrained", "none",
-            "--privacy", "local", "--noise-multiplier", "1.0", "--target-epsilon", str(budget),
+            "--privacy", "local", "--dp-recipe", "fine-tune", "--noise-multiplier", "1.0", "--target-epsilon", str(budget),
             "--target-delta", "1e-3", "--max-grad-norm", "1.0",
             "--gan-rounds", "1", "--gan-image-size", "32", "--gan-channels", "8", "--gan-local-steps", "2", "--gan-batch-size", "8",
             "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
@@ -132,7 +132,8 @@ def test_nothing_but_weights_and_allow_listed_aggregates_leaves_a_site(tmp_path,
         preprocess={"image_size": 32},
         train={"batch_size": 8, "balance": "none", "max_steps_per_epoch": 1, "progress": False},
         federation={"rounds": 1, "min_sites": len(sites), "calibrate": True, "batch_norm": "average" if private else "recalibrate"},
-        privacy={"mode": "local", "target_epsilon": 8.0, "noise_multiplier": 1.0, "target_delta": 1e-3, "max_grad_norm": 1.0}
+        privacy={"mode": "local", "target_epsilon": 8.0, "noise_multiplier": 1.0, "target_delta": 1e-3, "max_grad_norm": 1.0,
+         "head_steps_per_round": 1}
         if private
         else {"mode": "off"},
         gan={"rounds": 1, "image_size": 32, "channels": 8, "latent_dim": 16, "local_steps": 2, "batch_size": 8, "augment": not private},
@@ -178,7 +179,7 @@ def test_nothing_but_weights_and_allow_listed_aggregates_leaves_a_site(tmp_path,
 
     classifier_reference = build_classifier(run.model, num_classes=len(CLASSES))
     if private:
-        prepare_for_private_training(classifier_reference)
+        classifier_reference = prepare_for_private_training(classifier_reference, run.privacy.prepared_stages)
     classifier_shapes = {name: tuple(array.shape) for name, array in model_to_arrays(classifier_reference).items()}
     gan_shapes = {name: tuple(array.shape) for name, array in gan_to_arrays(*build_gan(run.gan, len(CLASSES))).items()}
     num_classes = len(CLASSES)

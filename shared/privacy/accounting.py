@@ -39,8 +39,23 @@ def sample_rate_for(train_size: int, batch_size: int) -> float:
     return 1.0 / math.ceil(train_size / batch_size)
 
 
+CLASS_COUNTS_LABEL = "class-counts"
+"""How the one release of a site's noisy class counts (linear-head recipe) is named in its ledger."""
+CLASS_COUNTS_QUERY = (1.0, 1)
+"""The class-count release as a DP phase: a Gaussian mechanism on every image at once (L2 sensitivity 1)."""
+
+
+def classifier_batch_size(train_size: int, run: RunConfig) -> int:
+    """The expected batch of a classifier DP-SGD step: the head's (every image by default) or train.batch_size."""
+    if run.privacy.linear_head:
+        return min(run.privacy.head_batch_size or train_size, train_size)
+    return run.train.batch_size
+
+
 def steps_per_round(train_size: int, run: RunConfig) -> int:
-    """DP-SGD steps one site takes in a round: batches per epoch (capped) times local epochs."""
+    """DP-SGD steps one site takes in a round: the head's steps, or batches per epoch (capped) times local epochs."""
+    if run.privacy.linear_head:
+        return run.privacy.head_steps_per_round
     per_epoch = int(round(1.0 / sample_rate_for(train_size, run.train.batch_size)))
     if run.train.max_steps_per_epoch is not None:
         per_epoch = min(per_epoch, run.train.max_steps_per_epoch)
@@ -67,7 +82,10 @@ def planned_phases(run: RunConfig, train_size: int) -> tuple[tuple[float, int], 
     if run.gan.rounds > 0:
         phases.append((sample_rate_for(train_size, run.gan.batch_size), run.gan.rounds * run.gan.local_steps))
     if not run.gan.only:
-        phases.append((sample_rate_for(train_size, run.train.batch_size), steps_per_round(train_size, run) * run.federation.rounds))
+        sample_rate = sample_rate_for(train_size, classifier_batch_size(train_size, run))
+        phases.append((sample_rate, steps_per_round(train_size, run) * run.federation.rounds))
+        if run.privacy.linear_head:
+            phases.append(CLASS_COUNTS_QUERY)
     return tuple(phases)
 
 
@@ -129,7 +147,13 @@ class RoundSchedule:
     @classmethod
     def for_site(cls, run: RunConfig, train_size: int) -> RoundSchedule:
         """A classifier round of a site with `train_size` training images; the noise covers the whole run."""
-        return cls._in_run(run, train_size, sample_rate_for(train_size, run.train.batch_size), steps_per_round(train_size, run))
+        rate = sample_rate_for(train_size, classifier_batch_size(train_size, run))
+        return cls._in_run(run, train_size, rate, steps_per_round(train_size, run))
+
+    @classmethod
+    def for_class_counts(cls, run: RunConfig, train_size: int) -> RoundSchedule:
+        """The one release of a site's noisy class counts (linear-head recipe), at the site's noise multiplier."""
+        return cls._in_run(run, train_size, *CLASS_COUNTS_QUERY)
 
     @classmethod
     def for_gan(cls, run: RunConfig, train_size: int) -> RoundSchedule:
@@ -188,6 +212,10 @@ class PrivacyLedger:
             )
         return cls(path, site, float(payload["delta"]), list(payload["rounds"]))
 
+    def released(self, round_label: str) -> dict | None:
+        """The entry of an earlier release named `round_label` (its noisy values), or None when there was none."""
+        return next((entry for entry in self.rounds if entry["round"] == round_label), None)
+
     @property
     def history(self) -> list[tuple[float, float, int]]:
         """Every round's (noise multiplier, sample rate, steps), as the RDP accountant takes them."""
@@ -202,10 +230,13 @@ class PrivacyLedger:
         """Epsilon this site would have spent after `rounds` more rounds of `schedule`."""
         return epsilon_of(self.history + [schedule.entry()] * rounds, self.delta)
 
-    def record(self, server_round: int | str, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Append a finished round (a classifier round number or "gan-N"; every execution counts, retries too) and save; returns the epsilon now spent."""
+    def record(
+        self, server_round: int | str, noise_multiplier: float, sample_rate: float, steps: int, released: dict | None = None
+    ) -> float:
+        """Append a finished round (a classifier round number, "gan-N" or "class-counts"; every execution counts,
+        retries too) and save; `released` keeps what the round released (noisy counts). Returns the epsilon now spent."""
         self.rounds.append(
-            {"round": server_round, "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": steps}
+            {"round": server_round, "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": steps, **(released or {})}
         )
         self.rounds[-1]["epsilon"] = self.epsilon
         self.save()

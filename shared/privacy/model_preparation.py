@@ -204,11 +204,24 @@ def freeze_early_layers(model: nn.Module, trainable_stages: int | None) -> int:
     return count
 
 
+def zero_classifier(model: nn.Module) -> None:
+    """Start the classification layer at zero (a linear probe's usual start).
+
+    timm initialises it at a scale (lite0: uniform within 1/sqrt(classes)) that the small, clipped
+    and noised steps of DP-SGD take many rounds to move away from; measured on HAM10000 at 128 px,
+    the same no-noise head recipe reached 0.23 balanced accuracy from timm's start, 0.49 from zero.
+    """
+    with torch.no_grad():
+        for parameter in model.get_classifier().parameters():
+            parameter.zero_()
+
+
 def prepare_for_private_training(model: nn.Module, trainable_stages: int | None = None) -> nn.Module:
     """Make `model` trainable under DP-SGD in place and check it with Opacus.
 
     With `trainable_stages` only the last that many feature stages and the head are trained; the
-    layers before are frozen with their pretrained BatchNorm statistics. Every BatchNorm left
+    layers before are frozen with their pretrained BatchNorm statistics (0: the head alone,
+    started at zero). Every BatchNorm left
     in a trained part becomes GroupNorm; in-place operations are turned off. Raises ModelError
     naming the layers Opacus cannot train privately. Preparing twice the same way is a no-op.
     """
@@ -222,6 +235,8 @@ def prepare_for_private_training(model: nn.Module, trainable_stages: int | None 
             )
         return model
     freeze_early_layers(model, trainable_stages)
+    if trainable_stages == 0:
+        zero_classifier(model)
     replace_batch_norm(model)
     disable_in_place_operations(model)
     problems = ModuleValidator.validate(model, strict=False)

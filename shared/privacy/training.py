@@ -21,7 +21,8 @@ from shared.data.transforms import build_train_transform
 from shared.errors import ConfigError, DataError, ModelError
 from shared.models.classifier import model_normalisation
 from shared.precision import Precision
-from shared.privacy.accounting import PrivacyBudgetExceeded, PrivacyLedger, RoundSchedule
+from shared.privacy.accounting import PrivacyBudgetExceeded, PrivacyLedger, RoundSchedule, epsilon_of
+from shared.privacy.head_training import train_private_head
 from shared.privacy.model_preparation import grad_sample_mode_for, is_prepared_for_privacy
 from shared.privacy.per_sample_gradients import install_fast_per_sample_gradients
 from shared.training import TrainResult, inverse_frequency_weights, log_class_prior, place_model, set_cosine_step_rate
@@ -43,6 +44,8 @@ class PrivateTrainResult(TrainResult, PrivacyFigures):
     """A classifier round under DP-SGD: the training figures, its privacy figures and the per-sample-gradient mode."""
 
     grad_sample_mode: str = ""
+    signal_to_noise: float | None = None
+    """Linear-head recipe: measured at the start of the round; stays at the site (it describes its data)."""
 
 
 class PerSampleLoss(nn.Module):
@@ -107,10 +110,13 @@ def check_private_precision(precision: Precision) -> None:
         raise ConfigError("fp16 autocast under DP-SGD produced NaN gradients; use bf16 or fp32 (amp off)")
 
 
-def refuse_past_budget(ledger: PrivacyLedger, schedule: RoundSchedule, run: RunConfig, what: str) -> None:
-    """Raise PrivacyBudgetExceeded, before any step, when `schedule` would take the site past the run's epsilon."""
+def refuse_past_budget(
+    ledger: PrivacyLedger, schedule: RoundSchedule, run: RunConfig, what: str, released_first: list[tuple[float, float, int]] = ()
+) -> None:
+    """Raise PrivacyBudgetExceeded, before any step, when `schedule` (after the releases `released_first`, as
+    accountant entries) would take the site past the run's epsilon."""
     budget = run.privacy.target_epsilon
-    epsilon_after = ledger.epsilon_after(schedule)
+    epsilon_after = epsilon_of(ledger.history + list(released_first) + [schedule.entry()], ledger.delta)
     if budget is not None and epsilon_after > budget + 1e-9:
         raise PrivacyBudgetExceeded(
             f"{ledger.site}: {what} would raise the spent epsilon from {ledger.epsilon:.3f} to {epsilon_after:.3f}, "
@@ -175,6 +181,9 @@ def train_privately(
 ) -> PrivateTrainResult:
     """One round of DP-SGD on the site's training images; the weights in `model` are updated in place.
 
+    Under the linear-head recipe (the default) this is `train_private_head`: the classification
+    layer over the site's cached frozen features.
+
     `model` must be prepared (`prepare_for_private_training`). The round is refused before any
     step when it would take the site past the run's epsilon budget. Every step's noise and
     sampling are appended to the site's ledger, which survives restarts and resumed runs.
@@ -182,6 +191,12 @@ def train_privately(
     privacy, config = run.privacy, run.train
     if not privacy.local:
         raise ConfigError("train_privately needs privacy.mode 'local'")
+    if privacy.linear_head:
+        # The head recipe sets its own rate (privacy.head_learning_rate): the fine-tune schedule does not apply.
+        return train_private_head(
+            model, images, run=run, ledger=ledger, server_round=server_round, device=device, precision=precision, seed=seed,
+            description=description,
+        )
     if not is_prepared_for_privacy(model):
         raise ModelError("the model was not prepared for DP-SGD; call prepare_for_private_training on it (and on the server's model)")
     check_private_precision(precision)
@@ -285,5 +300,6 @@ def private_train_metrics(result) -> dict[str, float]:
         "epsilon-next-round": float(result.epsilon_next_round),
         "delta": float(result.delta),
         "noise-multiplier": float(result.noise_multiplier),
+        "sample-rate": float(result.sample_rate),
         "dp-steps": float(result.steps),
     }

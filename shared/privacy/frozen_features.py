@@ -1,0 +1,104 @@
+"""Features of a site's images under a classifier's frozen part, computed once and kept for the next rounds."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.data.cache import CachedImages
+from shared.data.loading import make_eval_loader
+from shared.data.transforms import build_eval_transform
+from shared.models.classifier import model_normalisation
+from shared.precision import Precision
+from shared.training import logits_and_labels
+
+CACHED_SITES = 8
+"""Feature sets kept in memory (one per site and frozen network): a simulation process holds every site."""
+_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+
+class _PreLogits(nn.Module):
+    """A timm classifier cut before its classification layer: pooled features, in eval mode."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
+
+def frozen_part_fingerprint(model: nn.Module) -> str:
+    """A digest of every weight and statistic outside the classification layer: equal digests, equal features."""
+    classifier = {id(parameter) for parameter in model.get_classifier().parameters()}
+    digest = hashlib.sha1()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in classifier:
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _images_fingerprint(images: CachedImages) -> str:
+    digest = hashlib.sha1(np.ascontiguousarray(images.images).tobytes())
+    digest.update(np.ascontiguousarray(images.labels).tobytes())
+    return digest.hexdigest()
+
+
+def frozen_features(
+    model: nn.Module,
+    images: CachedImages,
+    *,
+    device: torch.device,
+    precision: Precision,
+    batch_size: int = 128,
+    cache_dir: Path | None = None,
+) -> torch.Tensor:
+    """The pooled pre-logit features of every image (eval transform, BatchNorm statistics as learnt), on the CPU.
+
+    The frozen part does not change between rounds (nothing trains it and FedAvg of equal weights
+    is the same weights), so the features of a site are computed in its first round and reused;
+    with `cache_dir` they are also kept on disk, named by the digests of the weights and images.
+    """
+    # Not keyed by precision: features of one network under bf16 or fp32 serve the head alike, and a site
+    # whose automatic precision choice changes between rounds keeps its features.
+    key = f"{frozen_part_fingerprint(model)}-{_images_fingerprint(images)}"
+    stored = Path(cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()}.pt" if cache_dir is not None else None
+    if key in _cache:
+        _cache.move_to_end(key)
+        features = _cache[key]
+    elif stored is not None and stored.exists():
+        features = _remember(key, torch.load(stored))
+    else:
+        features = _remember(key, _compute(model, images, device=device, precision=precision, batch_size=batch_size))
+    if stored is not None and not stored.exists():
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        temporary = stored.with_name(f".{stored.name}.{os.getpid()}.tmp")
+        torch.save(features, temporary)
+        os.replace(temporary, stored)
+    return features
+
+
+def _compute(model: nn.Module, images: CachedImages, *, device: torch.device, precision: Precision, batch_size: int) -> torch.Tensor:
+    mean, std = model_normalisation(model)
+    loader = make_eval_loader(images, batch_size=batch_size, transform=build_eval_transform(mean, std))
+    was_training = model.training
+    try:
+        features, _ = logits_and_labels(_PreLogits(model), loader, device=device, precision=precision)
+    finally:
+        model.train(was_training)
+    return features.float().cpu()
+
+
+def _remember(key: str, features: torch.Tensor) -> torch.Tensor:
+    _cache[key] = features
+    while len(_cache) > CACHED_SITES:
+        _cache.popitem(last=False)
+    return features
