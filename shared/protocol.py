@@ -42,7 +42,7 @@ PRIVATE_SITES_KEY = "privacy-sites-recorded"
 SITE_RECORD_KEY = "site"
 """Reply config record naming the site (and, for training, the precision and device it used)."""
 
-_PRIVATE_TRAINING_METRICS = frozenset({"epsilon", "epsilon-next-round", "delta", "noise-multiplier", "dp-steps"})
+_PRIVATE_TRAINING_METRICS = frozenset({"epsilon", "epsilon-next-round", "delta", "noise-multiplier", "sample-rate", "dp-steps"})
 
 
 @dataclass(frozen=True)

@@ -88,13 +88,14 @@ class CapturingClientApp:
 
         def capture(message: Message, context: Context, call_next) -> Message:
             reply = call_next(message, context)
-            number = len(list(folder.glob("*.pickle")))
+            # One name per message: sites reply in parallel, so a running count could name two replies alike.
+            number = message.metadata.message_id
             kind = message.metadata.message_type
             # The reply as serialised for the wire, and apart from its tensors (the small part every row of every image is sought in).
-            (folder / f"{number:04d}-{kind}-{context.node_id}.pb").write_bytes(recorddict_to_proto(reply.content).SerializeToString() if not reply.has_error() else str(reply.error.reason).encode())
+            (folder / f"{number}-{kind}-{context.node_id}.pb").write_bytes(recorddict_to_proto(reply.content).SerializeToString() if not reply.has_error() else str(reply.error.reason).encode())
             without_tensors = RecordDict({name: record for name, record in reply.content.items() if not isinstance(record, ArrayRecord)}) if not reply.has_error() else RecordDict()
-            (folder / f"{number:04d}-{kind}-{context.node_id}.small").write_bytes(recorddict_to_proto(without_tensors).SerializeToString())
-            (folder / f"{number:04d}.pickle").write_bytes(pickle.dumps((kind, reply.content if not reply.has_error() else None)))
+            (folder / f"{number}-{kind}-{context.node_id}.small").write_bytes(recorddict_to_proto(without_tensors).SerializeToString())
+            (folder / f"{number}.pickle").write_bytes(pickle.dumps((kind, reply.content if not reply.has_error() else None)))
             return reply
 
         outer = ClientApp(mods=[capture])
