@@ -15,6 +15,7 @@ from pathlib import Path
 
 from simulation.benchmark import DEFAULT_DATA, evaluate_on_pooled_test
 from simulation.cli import build_parser, run_simulation_command
+from simulation.sites import natural_site_images
 
 ARCHITECTURES = ("tf_efficientnet_lite0", "resnet18", "efficientnet_b0")
 MODES = ("hooks", "functorch", "ghost")
@@ -22,17 +23,9 @@ MODES = ("hooks", "functorch", "ghost")
 
 def _site_training_images(data: Path, image_size: int, cache_dir: Path, seed: int):
     """The training split of the largest natural site, from the same cache the simulations use."""
-    from shared.config import PreprocessConfig, RunConfig
-    from shared.data.readers import read_dataset
-    from simulation.sites import partition_sites, prepare_simulated_sites
-
-    table = read_dataset(data, "ham10000")
-    run = RunConfig(classes=table.classes, preprocess=PreprocessConfig(image_size=image_size), seed=seed)
-    sites = partition_sites(table, partition="natural", num_sites=None, alpha=0.5, column="site", seed=seed)
-    with tempfile.TemporaryDirectory() as folder:
-        simulated = prepare_simulated_sites(sites, run, run_folder=Path(folder), cache_root=cache_dir / "images", threads_per_site=1)
-    name = max(simulated.images, key=lambda site: len(simulated.images[site].select("train")))
-    return name, simulated.images[name].select("train"), table.classes
+    site_images, classes = natural_site_images(data, image_size, cache_dir, seed)
+    name = max(site_images, key=lambda site: len(site_images[site].select("train")))
+    return name, site_images[name].select("train"), classes
 
 
 class StepTimer:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from simulation.benchmark import DEFAULT_DATA
+from simulation.sites import natural_site_images
 
 NO_NOISE = 1e-3
 """Noise multiplier of the non-private cell: the same recipe, clipping included, with noise of no effect."""
@@ -27,20 +28,6 @@ MAX_GRAD_NORM = 20.0
 """Clipping norm of the curve: most head gradients are clipped a little (lite0's 128 px features have norms 16-44)."""
 FINE_TUNE_REFERENCE = {64: 0.608, 128: 0.632}
 """Pooled full fine-tune balanced accuracy on the same test split (README, measured tables), per image size."""
-
-
-def _sites(data: Path, image_size: int, cache_dir: Path, seed: int):
-    """The four natural sites' images (split by lesion with `seed`) from the simulations' cache."""
-    from shared.config import PreprocessConfig, RunConfig
-    from shared.data.readers import read_dataset
-    from simulation.sites import partition_sites, prepare_simulated_sites
-
-    table = read_dataset(data, "ham10000")
-    run = RunConfig(classes=table.classes, preprocess=PreprocessConfig(image_size=image_size), seed=seed)
-    sites = partition_sites(table, partition="natural", num_sites=None, alpha=0.5, column="site", seed=seed)
-    with tempfile.TemporaryDirectory() as folder:
-        simulated = prepare_simulated_sites(sites, run, run_folder=Path(folder), cache_root=cache_dir / "images", threads_per_site=1)
-    return simulated.images, table.classes
 
 
 def _run_config(args, classes: list[str], epsilon: float | None, seed: int):
@@ -231,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     cells_folder.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     cells = []
-    site_images, classes = _sites(args.data, args.image_size, args.cache_dir, args.split_seed)
+    site_images, classes = natural_site_images(args.data, args.image_size, args.cache_dir, args.split_seed)
     _compute_features(args, site_images, classes)
     for seed in seeds:
         for epsilon in epsilons:

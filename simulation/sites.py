@@ -108,3 +108,21 @@ def prepare_simulated_sites(
     manifest_path = sites_folder / "manifest.json"
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return SimulatedSites(split_tables, images, manifest_path, text)
+
+
+def natural_site_images(data: Path, image_size: int, cache_dir: Path, seed: int) -> tuple[dict, list[str]]:
+    """The natural sites of a HAM10000 folder as cached images (split by lesion with `seed`), and the classes.
+
+    Benchmarks use it to read the same cache the simulations build (under `cache_dir / "images"`).
+    """
+    import tempfile
+
+    from shared.config import PreprocessConfig
+    from shared.data.readers import read_dataset
+
+    table = read_dataset(data, "ham10000")
+    run = RunConfig(classes=table.classes, preprocess=PreprocessConfig(image_size=image_size), seed=seed)
+    sites = partition_sites(table, partition="natural", num_sites=None, alpha=0.5, column="site", seed=seed)
+    with tempfile.TemporaryDirectory() as folder:
+        simulated = prepare_simulated_sites(sites, run, run_folder=Path(folder), cache_root=Path(cache_dir) / "images", threads_per_site=1)
+    return simulated.images, table.classes
