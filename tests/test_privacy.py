@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 from server.aggregation import aggregate_site_metrics
 from server.history import MetricHistory
 from server.privacy_budget import LEDGER_KEY, PRIVACY_FILE, PrivacyBudget, PrivacyBudgetReached
+from site_images import random_site_images
 from shared.config import GanConfig, PrivacyConfig, RunConfig, run_config_from_flower
 from shared.data.cache import CachedImages
 from shared.errors import ConfigError, ModelError
@@ -48,15 +48,7 @@ def _run(**privacy) -> RunConfig:
 
 
 def _images(count: int = 12, size: int = 32) -> CachedImages:
-    rng = np.random.default_rng(0)
-    return CachedImages(
-        images=rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8),
-        labels=np.arange(count) % len(CLASSES),
-        image_ids=[f"img_{row}" for row in range(count)],
-        splits=np.asarray(["train"] * count),
-        classes=CLASSES,
-        source="site_a cache",
-    )
+    return random_site_images(CLASSES, count, size)
 
 
 # --- settings ---------------------------------------------------------------------------------

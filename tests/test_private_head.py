@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 
+from site_images import random_site_images
 from shared.config import PrivacyConfig, RunConfig, run_config_from_flower
 from shared.data.cache import CachedImages
 from shared.errors import ModelError
@@ -32,16 +33,8 @@ def _run(rounds: int = 3, **privacy) -> RunConfig:
     )
 
 
-def _images(count: int = 12, size: int = 32, seed: int = 0) -> CachedImages:
-    rng = np.random.default_rng(seed)
-    return CachedImages(
-        images=rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8),
-        labels=np.arange(count) % len(CLASSES),
-        image_ids=[f"img_{row}" for row in range(count)],
-        splits=np.asarray(["train"] * count),
-        classes=CLASSES,
-        source="site_a cache",
-    )
+def _images(count: int = 12, size: int = 32) -> CachedImages:
+    return random_site_images(CLASSES, count, size)
 
 
 def _model(run: RunConfig):
