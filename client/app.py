@@ -15,7 +15,7 @@ from client.received import receive, round_training_images
 from client.reply_guard import guard_replies
 from client.site_source import NodeConfigSite, SimulationSites
 from shared.data.feedback import feedback_summary
-from shared.local_training import evaluate_on_images, precision_for, site_round_seed, train_on_images
+from shared.local_training import epoch_samples, evaluate_on_images, precision_for, site_round_seed, train_on_images
 from shared.privacy.training import private_train_metrics
 from shared.protocol import FINAL_REPORT_KEY, VALIDATION_CONFUSION_KEY
 from shared.weights import model_to_arrays
@@ -81,6 +81,7 @@ def create_client_app(site_source: SimulationSites | NodeConfigSite | None = Non
             global_arrays={name: torch.from_numpy(np.asarray(value)).to(device) for name, value in arrays.items()}
             if proximal
             else None,
+            federation_class_counts=instructions.federation_class_counts,
             description=f"{site.name} round {instructions.server_round}",
         )
         if not math.isfinite(result.loss):
@@ -90,7 +91,8 @@ def create_client_app(site_source: SimulationSites | NodeConfigSite | None = Non
                 "arrays": ArrayRecord({name: Array(value) for name, value in model_to_arrays(model).items()}),
                 "metrics": MetricRecord(
                     {
-                        "num-examples": len(train_images),
+                        # The averaging weight: the site's images, or under balance 'global' its balanced share.
+                        "num-examples": epoch_samples(train_images, run.train, instructions.federation_class_counts),
                         "train-loss": float(result.loss),
                         "train-seconds": float(result.seconds),
                         "images-per-second": float(result.images_per_second),

@@ -35,9 +35,12 @@ def private_round_trainer(
     """A trainer with `train_on_images`'s call signature that runs the round under DP-SGD and records it."""
     ledger = open_site_ledger(source, context, message, site, run)
 
-    def train(model, images, *, config, device, precision, learning_rate_start, learning_rate_end, seed, global_arrays=None, description="train"):
-        # `config` is run.train and `global_arrays` only feeds FedProx, which the run settings exclude under DP.
-        del config, global_arrays
+    def train(
+        model, images, *, config, device, precision, learning_rate_start, learning_rate_end, seed, global_arrays=None,
+        federation_class_counts=None, description="train",
+    ):
+        # `config` is run.train; `global_arrays` only feeds FedProx, which the run settings exclude under DP.
+        del config, global_arrays, federation_class_counts  # balance "global" is refused under local DP
         return train_privately(
             model,
             images,

@@ -51,8 +51,12 @@ def receive(message: Message, context: Context, source) -> ReceivedRound:
 
 def round_training_images(received: ReceivedRound, source, context: Context) -> tuple[CachedImages, int]:
     """The images a site trains on this round (training split, synthetic and clinician cases) and the case count."""
-    site = received.site
-    images = site_training_images(source, context, site, received.run)
+    return training_images_of(received.site, received.run, source, context)
+
+
+def training_images_of(site, run: RunConfig, source, context: Context) -> tuple[CachedImages, int]:
+    """The images `site` trains on under `run` (training split, synthetic and clinician cases) and the case count."""
+    images = site_training_images(source, context, site, run)
     feedback_examples = site.feedback.used if site.feedback is not None else 0
     if site.feedback is not None and site.feedback.images is not None:
         images = concatenate([images, site.feedback.images])

@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.calibration import calibrate_handed_on_model
+from server.prior_correction import correct_class_prior
 from server.checkpoint import CheckpointWriter
 from server.gan_phase import feature_classifier_for, run_gan_phase
 from server.history import MetricHistory
@@ -106,6 +107,9 @@ def run_federation(
     if run.federation.calibrate:
         final_arrays, temperature = calibrate_handed_on_model(grid, run, final_arrays, model)
         selection["temperature"] = temperature
+    if run.federation.prior_correction:
+        final_arrays, offsets = correct_class_prior(grid, run, final_arrays, model)
+        selection["prior_offsets"] = offsets
     checkpoints.save_final(
         final_arrays,
         {

@@ -13,6 +13,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from server.aggregation import aggregate_site_metrics
 from server.batch_norm_recalibration import recalibrate_batch_norm
 from server.checkpoint import CheckpointWriter, array_record_to_numpy
+from server.class_census import take_class_census
 from server.history import MetricHistory
 from server.model_selection import rounds_since_best_validation
 from server.round_summary import round_summary_line
@@ -60,6 +61,8 @@ class RecordingMixin:
     """Where early stopping ended the run (None: it did not)."""
     tensorboard: TensorBoardLog | None = None
     """Per-round TensorBoard event files (None unless the run asks for them)."""
+    federation_class_counts: list[int] | None = None
+    """The sites' summed training class counts (balance 'global'; counted before the first round this process runs)."""
 
     def setup_recording(self, run: RunConfig, history: MetricHistory, checkpoints: CheckpointWriter) -> None:
         """Attach the run settings and the run-folder writers."""
@@ -104,7 +107,9 @@ class RecordingMixin:
         """Send this round's instructions (settings and learning-rate schedule) with the weights."""
         server_round += self.round_offset
         self._stop_if_no_longer_improving(server_round, arrays)
-        instructions = RoundInstructions.for_round(self.run, server_round)
+        if self.run.train.balance == "global" and self.federation_class_counts is None:
+            self.federation_class_counts = take_class_census(grid, self.run, server_round, self.min_available_nodes)
+        instructions = RoundInstructions.for_round(self.run, server_round, self.federation_class_counts)
         config[INSTRUCTIONS_KEY] = instructions.model_dump_json()
         if self.privacy_budget is not None:
             self.privacy_budget.before_train(server_round, arrays, config)

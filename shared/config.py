@@ -86,12 +86,18 @@ class TrainConfig(StrictModel):
         "images). With epochs a large site counts twice, by its averaging weight and by its longer local "
         "training; with equal steps each site counts by its number of images, as in pooled training.",
     )
-    balance: Literal["sampler", "none"] = Field("sampler", description="WeightedRandomSampler class balancing, or none.")
+    balance: Literal["sampler", "global", "none"] = Field(
+        "sampler",
+        description="Class balance of the training batches: 'sampler' balances the site's own classes; 'global' "
+        "samples each image by one over the federation's images of its class and lets a site train and count by "
+        "its share of a class-balanced pass over all sites' images (the pooled balanced objective; the server "
+        "sends the summed class counts); 'none' samples uniformly.",
+    )
     loss: Literal["ce", "weighted-ce", "focal", "balanced-softmax"] = Field(
         "ce",
         description="Cross-entropy, class-weighted cross-entropy, focal loss, or balanced softmax (cross-entropy of "
-        "the logits plus the log of the site's own training class frequencies: learns a class-balanced classifier "
-        "without resampling, and a site never pushes down a class it has no images of).",
+        "the logits plus the log of the class frequencies of the site's batches: learns a class-balanced classifier "
+        "whatever the site's class mix, and a site never pushes down a class it has no images of).",
     )
     focal_gamma: float = Field(2.0, ge=0, le=10, description="Focusing parameter of the focal loss.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy losses.")
@@ -145,15 +151,6 @@ class TrainConfig(StrictModel):
             return None
         return max(1, round(self.local_epochs * math.ceil(num_images / self.batch_size)))
 
-    @model_validator(mode="after")
-    def _one_class_balancing(self) -> TrainConfig:
-        if self.loss == "balanced-softmax" and self.balance == "sampler":
-            raise ValueError(
-                "loss 'balanced-softmax' already balances the classes, and with balance 'sampler' they would be "
-                "balanced twice; set balance 'none' with it, or use loss 'ce' with the sampler"
-            )
-        return self
-
 
 class FederationConfig(StrictModel):
     """How the server runs the federation: rounds, strategy and site sampling."""
@@ -174,6 +171,12 @@ class FederationConfig(StrictModel):
         True,
         description="Temperature-scale the handed-on model on the sites' validation splits (the sites send summed "
         "likelihoods only), so that its probabilities mean what they say; the top class does not change.",
+    )
+    prior_correction: bool = Field(
+        True,
+        description="Balance the handed-on model's class prior: per-class logit offsets fitted so that, on the sites' "
+        "validation splits with every class weighted equally, the mean prediction is uniform (the sites send "
+        "summed probabilities per true class only); it raises the recall of the classes few sites hold.",
     )
     batch_norm: Literal["average", "recalibrate"] = Field(
         "average",
@@ -290,7 +293,9 @@ class GanConfig(StrictModel):
 HEAD_STEPS_PER_ROUND = 20
 HEAD_LEARNING_RATE = 0.01
 HEAD_MOMENTUM = 0.9
-"""Defaults of the linear-head DP recipe, from `python -m simulation.privacy_benchmark --curve` (see README)."""
+HEAD_CLIPPING_NORM = 20.0
+HEAD_DELTA = 1e-5
+"""Defaults of the linear-head DP recipe, from `python -m simulation.privacy_curve` (see README)."""
 
 
 class PrivacyConfig(StrictModel):
@@ -304,12 +309,22 @@ class PrivacyConfig(StrictModel):
     target_epsilon: float | None = Field(
         None, gt=0, le=1000, description="Local: the run's epsilon budget; without a noise multiplier the noise is calibrated to spend it exactly."
     )
-    target_delta: float | None = Field(None, gt=0, lt=1, description="Local: the delta of the (epsilon, delta) guarantee, well below 1 / site images.")
+    target_delta: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Local: the delta of the (epsilon, delta) guarantee, well below 1 / site images (None: 1e-5 under "
+        "the linear-head recipe; the fine-tune recipe needs it given).",
+    )
     noise_multiplier: float | None = Field(
         None, gt=0, le=100, description="Noise std over the clipping norm; local: fixed noise (with a target epsilon the run stops at the budget); central: required."
     )
     max_grad_norm: float | None = Field(
-        None, gt=0, description="Local: per-sample gradient clipping norm (replaces train.grad_clip_norm); central: clipping norm of each site's update."
+        None,
+        gt=0,
+        description="Local: per-sample gradient clipping norm (replaces train.grad_clip_norm; None: 20 under the "
+        "linear-head recipe, measured for its features; the fine-tune recipe needs it given); central: clipping norm "
+        "of each site's update.",
     )
     poisson_sampling: bool = Field(True, description="Local: Poisson-sampled batches, which the RDP accounting assumes.")
     recipe: Literal["linear-head", "fine-tune"] | None = Field(
@@ -347,6 +362,21 @@ class PrivacyConfig(StrictModel):
         "architecture. The GAN discriminator uses hooks, or functorch when that is chosen here.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _linear_head_defaults(cls, data):
+        """The linear-head recipe's measured delta and clipping norm: under it a budget alone is a complete setting."""
+        if not isinstance(data, dict) or data.get("mode") != "local":
+            return data
+        recipe = data.get("recipe") or ("fine-tune" if data.get("trainable_stages") is not None else "linear-head")
+        if recipe != "linear-head":
+            return data
+        filled = dict(data)
+        for name, default in (("target_delta", HEAD_DELTA), ("max_grad_norm", HEAD_CLIPPING_NORM)):
+            if filled.get(name) is None:
+                filled[name] = default
+        return filled
+
     @model_validator(mode="after")
     def _complete_for_its_mode(self) -> PrivacyConfig:
         given = [
@@ -377,8 +407,9 @@ class PrivacyConfig(StrictModel):
                 missing.append("target_epsilon (or noise_multiplier)")
             if missing:
                 raise ValueError(
-                    f"local differential privacy is partly configured: {missing} missing; give target_delta, "
-                    "max_grad_norm and a target_epsilon (noise calibrated to it) or a noise_multiplier"
+                    f"local differential privacy is partly configured: {missing} missing; give a target_epsilon "
+                    "(noise calibrated to it) or a noise_multiplier, and under the fine-tune recipe target_delta "
+                    "and max_grad_norm too"
                 )
             if self.recipe == "linear-head" and self.trainable_stages is not None:
                 raise ValueError(
@@ -503,10 +534,10 @@ class RunConfig(StrictModel):
                 f"local DP-SGD accounts whole Poisson-sampled epochs, so train.local_epochs {self.train.local_epochs} "
                 "(a share of one pass) does not apply; use a whole number of local epochs"
             )
-        if self.train.balance == "sampler":
+        if self.train.balance != "none":
             raise ValueError(
-                "local DP-SGD samples every image with the same probability (the accounting assumes it) and the "
-                "class-balanced sampler breaks that; set train.balance 'none' (loss 'weighted-ce' balances classes)"
+                "local DP-SGD samples every image with the same probability (the accounting assumes it) and a "
+                f"class-balanced sampler (balance {self.train.balance!r}) breaks that; set train.balance 'none' (loss 'weighted-ce' balances classes)"
             )
         if self.federation.strategy == "fedprox" or self.train.proximal_mu > 0:
             raise ValueError(
@@ -540,6 +571,7 @@ FLOWER_RUN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "early-stopping-patience": ("federation", "early_stopping_patience"),
     "batch-norm": ("federation", "batch_norm"),
     "calibrate": ("federation", "calibrate"),
+    "prior-correction": ("federation", "prior_correction"),
     "model": ("model", "name"),
     "pretrained": ("model", "pretrained"),
     "image-size": ("preprocess", "image_size"),
@@ -645,9 +677,23 @@ class RoundInstructions(StrictModel):
     server_round: int = Field(ge=1)
     learning_rate_start: float = Field(gt=0)
     learning_rate_end: float = Field(gt=0)
+    federation_class_counts: list[int] | None = Field(
+        None,
+        description="Training images per class summed over the sites (the server's count at the start of the run); "
+        "train.balance 'global' samples and weighs by it.",
+    )
+
+    @field_validator("federation_class_counts")
+    @classmethod
+    def _counts_not_negative(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(count < 0 for count in value):
+            raise ValueError(f"federation class counts {value} hold a negative count")
+        return value
 
     @classmethod
-    def for_round(cls, run: RunConfig, server_round: int) -> RoundInstructions:
+    def for_round(
+        cls, run: RunConfig, server_round: int, federation_class_counts: list[int] | None = None
+    ) -> RoundInstructions:
         """Instructions for `server_round`: the cosine schedule over all rounds' local epochs.
 
         Sites receive the weights, so the server-side `pretrained` choice is not sent.
@@ -666,4 +712,5 @@ class RoundInstructions(StrictModel):
             server_round=server_round,
             learning_rate_start=cosine_learning_rate(base, floor, (server_round - 1) / total),
             learning_rate_end=cosine_learning_rate(base, floor, server_round / total),
+            federation_class_counts=federation_class_counts,
         )

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from shared.class_balance import balanced_class_draws, require_federation_counts
 from shared.config import TrainConfig
 from shared.data.cache import CachedImages
 from shared.data.loading import make_eval_loader, make_train_loader
@@ -43,10 +44,16 @@ def train_on_images(
     learning_rate_end: float,
     seed: int,
     global_arrays: Mapping[str, torch.Tensor] | None = None,
+    federation_class_counts: list[int] | None = None,
     description: str = "train",
 ) -> TrainResult:
-    """Fine-tune `model` in place on the given (training) images for `config.local_steps` steps or `config.local_epochs` passes (or share of one)."""
+    """Fine-tune `model` in place on the given (training) images for `config.local_steps` steps or `config.local_epochs` passes (or share of one).
+
+    Under balance 'global' a pass draws the site's share of a balanced pass over the federation's
+    images (`federation_class_counts`), not one per image of its own.
+    """
     mean, std = model_normalisation(model)
+    pass_samples = epoch_samples(images, config, federation_class_counts)
     loader = make_train_loader(
         images,
         batch_size=config.batch_size,
@@ -55,7 +62,9 @@ def train_on_images(
         seed=seed,
         num_workers=config.num_workers,
         max_steps=config.max_steps_per_epoch,
-        exact_steps=config.local_steps if config.local_steps is not None else config.steps_of_partial_epoch(len(images)),
+        exact_steps=config.local_steps if config.local_steps is not None else config.steps_of_partial_epoch(pass_samples),
+        federation_class_counts=federation_class_counts,
+        pass_samples=pass_samples,
     )
     return train_epochs(
         model,
@@ -66,10 +75,33 @@ def train_on_images(
         learning_rate_start=learning_rate_start,
         learning_rate_end=learning_rate_end,
         epochs=(config.whole_local_epochs() or 1) if config.local_steps is None else 1,
-        class_counts=images.class_counts(),
+        class_counts=batch_class_counts(images, config, federation_class_counts),
         global_arrays=global_arrays,
         description=description,
     )
+
+
+def batch_class_counts(images: CachedImages, config: TrainConfig, federation_class_counts: list[int] | None) -> np.ndarray:
+    """Expected images per class of one local pass as drawn: what balanced softmax shifts the logits by.
+
+    Uniform sampling draws the site's own counts; the class-balanced sampler draws every class the
+    site holds equally often (so balanced softmax then only keeps the site from pushing down the
+    classes it lacks: restricted softmax); balance 'global' draws the site's balanced share.
+    """
+    counts = images.class_counts()
+    if config.balance == "sampler":
+        present = counts > 0
+        return np.where(present, counts.sum() / max(int(present.sum()), 1), 0.0)
+    if config.balance == "global":
+        return balanced_class_draws(counts, require_federation_counts(federation_class_counts))
+    return counts
+
+
+def epoch_samples(images: CachedImages, config: TrainConfig, federation_class_counts: list[int] | None) -> int:
+    """Images of one local pass: the site's image count, or under balance 'global' its share of a balanced federation pass."""
+    if config.balance != "global":
+        return len(images)
+    return max(2, round(float(batch_class_counts(images, config, federation_class_counts).sum())))
 
 
 def logits_on_images(

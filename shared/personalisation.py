@@ -17,7 +17,8 @@ def personalise(model: nn.Module, train_images: CachedImages, run: RunConfig, *,
 
     The rate falls on a cosine from `personalise_learning_rate` to the run's floor ratio of it, so the
     copy stays close to the global model it starts from; `model` itself is left unchanged.
-    The site's own recipe applies otherwise (loss, class balance, augmentation, batch size).
+    The site's own recipe applies otherwise (loss, augmentation, batch size); a run balanced over
+    the federation's classes balances the site's own here, since the copy serves that site alone.
     """
     epochs = run.report.personalise_epochs
     if epochs <= 0:
@@ -25,7 +26,15 @@ def personalise(model: nn.Module, train_images: CachedImages, run: RunConfig, *,
     if len(train_images) == 0:
         raise ValueError("the site has no training images to personalise on; give the site images or turn personalisation off")
     personalised = copy.deepcopy(model)
-    config = run.train.model_copy(update={"local_epochs": epochs, "local_steps": None, "proximal_mu": 0.0, "max_steps_per_epoch": None})
+    config = run.train.model_copy(
+        update={
+            "local_epochs": epochs,
+            "local_steps": None,
+            "proximal_mu": 0.0,
+            "max_steps_per_epoch": None,
+            "balance": "sampler" if run.train.balance == "global" else run.train.balance,
+        }
+    )
     start = run.report.personalise_learning_rate
     train_on_images(
         personalised,

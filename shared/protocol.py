@@ -17,9 +17,19 @@ CALIBRATE_ACTION = "calibrate"
 CALIBRATE_MESSAGE = f"query.{CALIBRATE_ACTION}"
 NEGATIVE_LOG_LIKELIHOODS_KEY = "val-nll-sums"
 """Calibration-reply key: summed negative log-likelihood of the site's validation images per grid temperature."""
+PRIOR_ACTION = "prior"
+"""Query action: sum the sent model's predicted probabilities per true class on the site's validation split."""
+PRIOR_MESSAGE = f"query.{PRIOR_ACTION}"
+SOFT_CONFUSION_KEY = "val-soft-confusion"
+"""Prior-correction reply key: the summed validation probabilities per true class (classes x classes, row-major)."""
 BATCH_NORM_ACTION = "batch_norm"
 """Query action: measure the sent model's BatchNorm statistics on the site's training images."""
 BATCH_NORM_MESSAGE = f"query.{BATCH_NORM_ACTION}"
+CLASS_COUNTS_ACTION = "class_counts"
+"""Query action: count the site's training images per class (the server sums them for balance 'global')."""
+CLASS_COUNTS_MESSAGE = f"query.{CLASS_COUNTS_ACTION}"
+CLASS_COUNTS_KEY = "class-counts"
+"""Class-count reply key: the site's training images per class, in the run's class order."""
 FINAL_REPORT_KEY = "final-report"
 """Config flag of the last evaluate message: evaluate, write the local report, reply with aggregates only."""
 GAN_TRAIN_ACTION = "gan"
@@ -96,7 +106,14 @@ REPLY_ALLOW_LISTS: dict[str, ReplyAllowList] = {
     CALIBRATE_MESSAGE: ReplyAllowList(
         metrics=frozenset({"num-examples", NEGATIVE_LOG_LIKELIHOODS_KEY}), list_metrics=frozenset({NEGATIVE_LOG_LIKELIHOODS_KEY})
     ),
+    PRIOR_MESSAGE: ReplyAllowList(metrics=frozenset({"num-examples", SOFT_CONFUSION_KEY}), list_metrics=frozenset({SOFT_CONFUSION_KEY})),
     BATCH_NORM_MESSAGE: ReplyAllowList(metrics=frozenset({"num-examples"}), array_records=frozenset({"statistics"})),
+    # Runs with local DP never ask for exact counts (their sampling must stay uniform).
+    CLASS_COUNTS_MESSAGE: ReplyAllowList(
+        metrics=frozenset({"num-examples"}),
+        non_private_metrics=frozenset({CLASS_COUNTS_KEY}),
+        list_metrics=frozenset({CLASS_COUNTS_KEY}),
+    ),
     # Synthesis sends totals only: per-class counts (real or added) and the nearest-neighbour
     # thresholds of the real images stay in the site's own selection report. The rejection counts
     # say how close generated images came to real ones, so they are not sent from a private run.

@@ -24,6 +24,7 @@ from shared.calibration import best_temperature, calibration_bins, summed_negati
 from shared.config import RoundInstructions, RunConfig
 from shared.data.cache import CachedImages, concatenate
 from shared.local_training import (
+    epoch_samples,
     evaluate_on_images,
     logits_on_images,
     precision_for,
@@ -31,7 +32,9 @@ from shared.local_training import (
     site_round_seed,
     train_on_images,
 )
+from shared.metrics import classification_metrics
 from shared.models.classifier import build_classifier
+from shared.prior_correction import fit_offsets
 from shared.personalisation import personalise
 from shared.weights import load_arrays_into, model_to_arrays
 from simulation.centralised import pooled_run
@@ -92,6 +95,9 @@ class ArmContext:
     def __post_init__(self) -> None:
         self.pooled_val = concatenate([images.select("val") for images in self.sites.values()])
         self.pooled_test = concatenate([images.select("test") for images in self.sites.values()])
+        self.federation_class_counts = [
+            int(count) for count in sum(images.select("train").class_counts() for images in self.sites.values())
+        ]
 
     def with_run(self, run: RunConfig) -> ArmContext:
         """The same context with other settings."""
@@ -115,7 +121,7 @@ class ArmContext:
         }
 
     def calibration(self, model: nn.Module) -> dict:
-        """Temperature fitted on the pooled validation split (as a run fits it) and the test ECE before and after."""
+        """Temperature and class-prior offsets fitted on the pooled validation split (as a run fits them); test figures before and after."""
         precision = precision_for(model, self.run.train, self.device, self.run.preprocess.image_size)
         batch = self.run.train.batch_size * 2
         val_logits, val_labels = logits_on_images(model, self.pooled_val, batch_size=batch, device=self.device, precision=precision)
@@ -123,10 +129,15 @@ class ArmContext:
         test_logits, test_labels = logits_on_images(model, self.pooled_test, batch_size=batch, device=self.device, precision=precision)
         before = calibration_bins(test_logits.softmax(dim=1).numpy(), test_labels.numpy())
         after = calibration_bins((test_logits / temperature).softmax(dim=1).numpy(), test_labels.numpy())
+        offsets = fit_offsets(val_logits / temperature, val_labels)
+        corrected_logits = test_logits / temperature + torch.as_tensor(offsets, dtype=torch.float32)
+        corrected = classification_metrics(test_labels.numpy(), corrected_logits.softmax(dim=1).numpy(), self.run.classes)
         return {
             "temperature": temperature,
             "test_ece": before["expected_calibration_error"],
             "test_ece_calibrated": after["expected_calibration_error"],
+            "prior_offsets": [float(value) for value in offsets],
+            "prior_corrected": {name: corrected[name] for name in REPORTED_METRICS},
         }
 
     def per_site_test(self, model: nn.Module, only: str | None = None) -> dict[str, dict]:
@@ -159,7 +170,7 @@ class ArmContext:
 
     def train_site(self, model: nn.Module, images: CachedImages, server_round: int, site: str, global_arrays=None):
         """One site's local training of one round, exactly as the ClientApp runs it."""
-        instructions = RoundInstructions.for_round(self.run, server_round)
+        instructions = RoundInstructions.for_round(self.run, server_round, self.federation_class_counts)
         precision = precision_for(model, self.run.train, self.device, self.run.preprocess.image_size)
         return train_on_images(
             model,
@@ -171,6 +182,7 @@ class ArmContext:
             learning_rate_end=instructions.learning_rate_end,
             seed=site_round_seed(self.run.seed, server_round, site),
             global_arrays=global_arrays,
+            federation_class_counts=instructions.federation_class_counts,
             description=f"{site} round {server_round}",
         )
 
@@ -215,7 +227,7 @@ def _federate(context: ArmContext, arm: str) -> tuple[ArmResult, nn.Module]:
             )
             context.train_site(model, train, server_round, site, global_arrays=proximal)
             updates.append(model_to_arrays(model))
-            weights.append(len(train))
+            weights.append(epoch_samples(train, run.train, context.federation_class_counts))
         global_arrays = server.step(global_arrays, weighted_average(updates, weights))
         if federation.batch_norm == "recalibrate":
             global_arrays = context.recalibrated(model, global_arrays)
@@ -286,6 +298,10 @@ def run_local(context: ArmContext) -> ArmResult:
     model on its own test split (what a hospital training alone would see).
     """
     run = context.run
+    if run.train.balance == "global":
+        # A site training alone knows only its own classes.
+        run = run.model_copy(update={"train": run.train.model_copy(update={"balance": "sampler"})})
+        context = context.with_run(run)
     per_site_rounds: dict[str, list[dict]] = {}
     own_test: dict[str, dict] = {}
     started = time.monotonic()

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrained", default="default")
     parser.add_argument("--batch-size", type=int, default=train.batch_size)
     parser.add_argument("--lr", type=float, default=train.learning_rate)
-    parser.add_argument("--balance", choices=["sampler", "none"], default=train.balance)
+    parser.add_argument("--balance", choices=["sampler", "global", "none"], default=train.balance)
     parser.add_argument("--loss", choices=["ce", "weighted-ce", "focal", "balanced-softmax"], default=train.loss)
     parser.add_argument("--label-smoothing", type=float, default=train.label_smoothing)
     parser.add_argument("--proximal-mu", type=float, default=federation.proximal_mu)

@@ -95,8 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=federation_defaults.batch_norm,
         help="BatchNorm statistics of the global model: average the sites' own, or recalibrate (measured at the sites on the aggregated model)",
     )
+    model.add_argument(
+        "--no-prior-correction",
+        dest="prior_correction",
+        action="store_false",
+        help="hand on the model without balancing its class prior on the sites' validation splits",
+    )
     model.add_argument("--fraction-train", type=float, default=1.0, help="fraction of sites that train each round")
-    model.add_argument("--balance", choices=["sampler", "none"], default=train_defaults.balance, help="class balancing")
+    model.add_argument(
+        "--balance",
+        choices=["sampler", "global", "none"],
+        help=f"class balancing (default: {train_defaults.balance}; none under --privacy local, whose sampling must stay uniform)",
+    )
     model.add_argument("--loss", choices=["ce", "weighted-ce", "focal", "balanced-softmax"], default=train_defaults.loss)
     model.add_argument("--amp", choices=["auto", "on", "off"], default=train_defaults.amp, help="mixed precision (auto: fp16 on CUDA, bf16 on CPU only where faster)")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -154,7 +164,7 @@ def run_config_from_args(args: argparse.Namespace, classes: list[str], device_im
                 local_epochs=args.local_epochs,
                 local_steps=args.local_steps,
                 label_smoothing=args.label_smoothing,
-                balance=args.balance,
+                balance=args.balance or ("none" if args.privacy == "local" else TrainConfig().balance),
                 loss=args.loss,
                 amp=args.amp,
                 device=args.device,
@@ -169,6 +179,7 @@ def run_config_from_args(args: argparse.Namespace, classes: list[str], device_im
                 select_model=args.select_model,
                 early_stopping_patience=args.early_stopping_patience,
                 batch_norm=args.batch_norm,
+                prior_correction=args.prior_correction,
                 fraction_train=args.fraction_train,
                 min_sites=1,
             ),

@@ -21,6 +21,7 @@ KEY_TO_OPTION = {
     "select-model": "select_model",
     "early-stopping-patience": "early_stopping_patience",
     "batch-norm": "batch_norm",
+    "prior-correction": "prior_correction",
     "model": "model",
     "pretrained": "pretrained",
     "image-size": "image_size",

@@ -70,6 +70,15 @@ def test_sim_config_file_privacy_keys_reach_the_privacy_settings(tmp_path):
     assert run.privacy.poisson_sampling is False and run.train.balance == "none"
 
 
+def test_a_budget_alone_is_a_complete_private_simulation_and_prior_correction_can_be_turned_off():
+    run = run_config_from_args(parse_arguments(["--privacy", "local", "--target-epsilon", "8"]), CLASSES, 128)
+    assert run.privacy.recipe == "linear-head" and run.train.balance == "none"
+    assert (run.privacy.target_delta, run.privacy.max_grad_norm) == (1e-5, 20.0)
+    assert run_config_from_args(parse_arguments([]), CLASSES, 128).train.balance == "sampler"
+    assert run_config_from_args(parse_arguments([]), CLASSES, 128).federation.prior_correction is True
+    assert run_config_from_args(parse_arguments(["--no-prior-correction"]), CLASSES, 128).federation.prior_correction is False
+
+
 def test_the_deployment_example_run_config_runs_as_a_simulation():
     args = parse_arguments(["--config", str(REPO / "deploy" / "run-config.example.toml")])
     run = run_config_from_args(args, CLASSES, 128)

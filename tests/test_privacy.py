@@ -62,9 +62,13 @@ def test_privacy_is_off_by_default_and_settings_without_a_mode_are_an_error():
 
 def test_partly_configured_local_privacy_names_what_is_missing():
     with pytest.raises(ValueError, match=r"partly configured: \['target_delta', 'max_grad_norm'\]"):
-        PrivacyConfig(mode="local", target_epsilon=3.0)
+        PrivacyConfig(mode="local", target_epsilon=3.0, recipe="fine-tune")
     with pytest.raises(ValueError, match="target_epsilon \\(or noise_multiplier\\)"):
         PrivacyConfig(mode="local", target_delta=1e-5, max_grad_norm=1.0)
+    # The linear-head recipe (the default) has measured defaults: a budget alone is complete.
+    budget_only = PrivacyConfig(mode="local", target_epsilon=8.0)
+    assert (budget_only.recipe, budget_only.target_delta, budget_only.max_grad_norm) == ("linear-head", 1e-5, 20.0)
+    assert PrivacyConfig(mode="local", target_epsilon=8.0, max_grad_norm=5.0).max_grad_norm == 5.0
     with pytest.raises(ValueError, match="central differential privacy needs noise_multiplier and max_grad_norm"):
         PrivacyConfig(mode="central", noise_multiplier=1.0)
     with pytest.raises(ValueError, match="apply to local DP-SGD only"):
@@ -98,7 +102,9 @@ def test_flower_run_config_keys_carry_the_privacy_settings_and_zero_means_unset(
     )
     assert run.privacy.local and run.privacy.noise_multiplier is None and run.privacy.max_grad_norm == 1.5
     with pytest.raises(ConfigError, match="partly configured"):
-        run_config_from_flower({"balance": "none", "privacy-mode": "local", "privacy-target-epsilon": 8.0})
+        run_config_from_flower(
+            {"balance": "none", "privacy-mode": "local", "privacy-target-epsilon": 8.0, "privacy-recipe": "fine-tune"}
+        )
 
 
 # --- model preparation ------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def test_nothing_but_weights_and_allow_listed_aggregates_leaves_a_site(tmp_path,
         classes=CLASSES,
         model={"name": "tf_efficientnet_lite0", "pretrained": "none"},
         preprocess={"image_size": 32},
-        train={"batch_size": 8, "balance": "none", "max_steps_per_epoch": 1, "progress": False},
+        train={"batch_size": 8, "balance": "none" if private else "global", "max_steps_per_epoch": 1, "progress": False},
         federation={"rounds": 1, "min_sites": len(sites), "calibrate": True, "batch_norm": "average" if private else "recalibrate"},
         privacy={"mode": "local", "target_epsilon": 8.0, "noise_multiplier": 1.0, "target_delta": 1e-3, "max_grad_norm": 1.0,
          "head_steps_per_round": 1}
@@ -157,7 +157,8 @@ def test_nothing_but_weights_and_allow_listed_aggregates_leaves_a_site(tmp_path,
     assert all(content is not None for _, content in captured), "a site failed: see the site log above"
     kinds = [kind for kind, _ in captured]
     # A private run may not select synthetic images (that compares them with the real ones outside the budget): no synthesis.
-    expected = {"train", "train.gan", "evaluate", "query.calibrate"} | ({"query.batch_norm", "query.gan_synthesise"} if not private else set())
+    not_private_only = {"query.batch_norm", "query.gan_synthesise", "query.class_counts"}
+    expected = {"train", "train.gan", "evaluate", "query.calibrate", "query.prior"} | (not_private_only if not private else set())
     assert set(kinds) == expected and all(kinds.count(kind) >= len(sites) for kind in expected), Counter(kinds)
     wire = b"".join(path.read_bytes() for path in sorted(capture_folder.glob("*.pb")))
     small = b"".join(path.read_bytes() for path in sorted(capture_folder.glob("*.small")))

@@ -10,6 +10,7 @@ from shared.batch_norm import measure_batch_norm_statistics, merge_batch_norm_st
 from shared.config import RunConfig, TrainConfig
 from shared.data.cache import CachedImages
 from shared.data.loading import make_train_loader
+from shared.local_training import batch_class_counts
 from shared.precision import Precision
 from shared.privacy.training import PerSampleLoss
 from shared.training import BalancedSoftmaxLoss, log_class_prior, make_loss
@@ -39,10 +40,18 @@ def test_balanced_softmax_is_cross_entropy_of_prior_shifted_logits():
     assert torch.allclose(log_class_prior(counts), shift)
 
 
-def test_balanced_softmax_is_chosen_by_name_and_refuses_the_sampler_too():
+def test_balanced_softmax_is_chosen_by_name_and_shifts_by_the_classes_as_the_batches_draw_them():
     assert isinstance(make_loss(TrainConfig(loss="balanced-softmax", balance="none"), np.array([3, 1])), BalancedSoftmaxLoss)
-    with pytest.raises(ValueError, match="balanced twice"):
-        TrainConfig(loss="balanced-softmax", balance="sampler")
+    images = CachedImages(
+        images=np.zeros((4, 8, 8, 3), dtype=np.uint8),
+        labels=np.array([0, 0, 0, 1]),
+        image_ids=[f"image-{index}" for index in range(4)],
+        splits=np.asarray(["train"] * 4),
+        classes=["a", "b", "c"],
+    )
+    assert batch_class_counts(images, TrainConfig(balance="none"), None).tolist() == [3, 1, 0]
+    # The class-balanced sampler draws a and b equally and c never: only c is shifted (restricted softmax).
+    assert batch_class_counts(images, TrainConfig(balance="sampler"), None).tolist() == [2.0, 2.0, 0.0]
 
 
 def test_private_per_image_loss_shifts_logits_the_same_way():

@@ -8,10 +8,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
+from shared.class_balance import federation_balanced_weights, require_federation_counts
 from shared.data.cache import CachedImages
 from shared.errors import ConfigError, DataError
 
-BALANCE_MODES = ("sampler", "none")
+BALANCE_MODES = ("sampler", "global", "none")
 
 
 class ImageArrayDataset(Dataset):
@@ -52,11 +53,16 @@ def make_train_loader(
     num_workers: int = 0,
     max_steps: int | None = None,
     exact_steps: int | None = None,
+    federation_class_counts: list[int] | None = None,
+    pass_samples: int | None = None,
 ) -> DataLoader:
     """Shuffled (or class-balanced, with replacement) training batches, seeded.
 
-    `max_steps` caps the batches of one pass; `exact_steps` gives exactly that many batches,
-    reshuffling for further passes when the images run out (a fixed number of local steps).
+    `balance` 'sampler' balances the site's own classes; 'global' weighs every image by one over
+    the federation's images of its class (`federation_class_counts`, see shared.class_balance).
+    `pass_samples` sets the images of one pass (default: the site's image count). `max_steps`
+    caps the batches of one pass; `exact_steps` gives exactly that many batches, reshuffling for
+    further passes when the images run out (a fixed number of local steps).
     """
     if balance not in BALANCE_MODES:
         raise ConfigError(f"balance {balance!r} is not one of {list(BALANCE_MODES)}")
@@ -71,12 +77,16 @@ def make_train_loader(
             f"{where}: a single training image, and a batch of one cannot be trained on (BatchNorm); "
             "add images to this site or change the split fractions"
         )
-    num_samples = len(images) if max_steps is None else min(len(images), max_steps * batch_size)
+    pass_length = len(images) if pass_samples is None else max(2, int(pass_samples))
+    num_samples = pass_length if max_steps is None else min(pass_length, max_steps * batch_size)
     if exact_steps is not None:
         num_samples = exact_steps * batch_size
     generator = torch.Generator().manual_seed(seed)
     if balance == "sampler":
         weights = balanced_sample_weights(images.labels, len(images.classes))
+        sampler = WeightedRandomSampler(weights, num_samples=num_samples, replacement=True, generator=generator)
+    elif balance == "global":
+        weights = federation_balanced_weights(images.labels, require_federation_counts(federation_class_counts))
         sampler = WeightedRandomSampler(weights, num_samples=num_samples, replacement=True, generator=generator)
     else:
         sampler = RandomSampler(range(len(images)), num_samples=num_samples, generator=generator)
