@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ from flwr.app import Array, ArrayRecord
 from torch import nn
 
 from shared.config import RunConfig
+from shared.durable_files import write_bytes_atomically
 from shared.models.classifier import load_classifier, save_classifier
 from shared.weights import load_arrays_into, model_to_arrays
 
@@ -51,6 +53,26 @@ class CheckpointWriter:
         """The global model's arrays after `server_round`, as checkpointed."""
         model, _ = load_classifier(self.round_path(server_round))
         return ArrayRecord({name: Array(value) for name, value in model_to_arrays(model).items()})
+
+    def server_state_path(self, server_round: int) -> Path:
+        """Where the server optimiser's state after `server_round` is kept (FedAvgM, FedAdam)."""
+        return self.folder / f"server_optimiser_{server_round:03d}.npz"
+
+    def save_server_state(self, server_round: int, state: dict[str, np.ndarray]) -> Path:
+        """Keep the server optimiser's moments after `server_round`, so a resumed run continues them."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **state)
+        path = self.server_state_path(server_round)
+        write_bytes_atomically(path, buffer.getvalue())
+        return path
+
+    def load_server_state(self, server_round: int) -> dict[str, np.ndarray] | None:
+        """The server optimiser's state after `server_round`, or None when the run kept none for it."""
+        path = self.server_state_path(server_round)
+        if not path.is_file():
+            return None
+        with np.load(path) as saved:
+            return {name: saved[name] for name in saved.files}
 
     def save_final(self, arrays: ArrayRecord, metadata: dict) -> Path:
         """Write the final global model next to the run's history."""

@@ -152,11 +152,18 @@ class RecordingMixin:
         # The checkpoint holds exactly the arrays this round hands on. A round no site finished keeps the
         # global model, and is checkpointed too, so resume finds every round.
         self.checkpoints.save_round(server_round, arrays if arrays is not None else self._round_start_arrays)
+        server_state = self.server_state()
+        if server_state is not None:
+            self.checkpoints.save_server_state(server_round, server_state)
         return arrays, metrics
 
     def server_step(self, averaged: ArrayRecord) -> ArrayRecord:
         """The next global model from the sites' average: the average itself (FedAvg, FedProx)."""
         return averaged
+
+    def server_state(self) -> dict | None:
+        """The server optimiser's state to checkpoint with each round (None: FedAvg and FedProx keep none)."""
+        return None
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Aggregate site evaluations and record them per site."""
@@ -195,6 +202,10 @@ class RecordingServerOptimiser(RecordingMixin, FedAvg):
         super().__init__(**kwargs)
         self.optimiser = optimiser
 
+    def server_state(self) -> dict:
+        """The momentum (and FedAdam's second moment and step count) after the last round."""
+        return self.optimiser.state()
+
     def server_step(self, averaged: ArrayRecord) -> ArrayRecord:
         """One server-optimiser step from the round's starting global model towards the sites' average."""
         stepped = self.optimiser.step(array_record_to_numpy(self._round_start_arrays), array_record_to_numpy(averaged))
@@ -231,6 +242,15 @@ def build_strategy(
         strategy = RecordingFedAvg(**common)
     strategy.setup_recording(run, history, checkpoints)
     strategy.round_offset = round_offset
+    if round_offset and isinstance(strategy, RecordingServerOptimiser):
+        state = checkpoints.load_server_state(round_offset)
+        if state is None:
+            logger.warning(
+                "resume: no server optimiser state was kept after round %d; %s's moments start again from zero",
+                round_offset, federation.strategy,
+            )
+        else:
+            strategy.optimiser.load_state(state)
     if run.tracking.tensorboard:
         strategy.tensorboard = TensorBoardLog(history.run_folder)
     if run.privacy.mode != "off":

@@ -29,6 +29,8 @@ class TrainResult:
     steps: int
     seconds: float
     images_per_second: float
+    optimiser_state: dict | None = None
+    """Adam's state after the last step (moments per trained parameter), for a site that keeps it across rounds."""
 
 
 def place_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -44,11 +46,24 @@ def cosine_learning_rate(base_rate: float, min_ratio: float, progress: float) ->
     return floor + (base_rate - floor) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
+def parameter_groups(model: nn.Module, backbone_rate_ratio: float) -> list[dict]:
+    """Adam's parameter groups: the classification layer at the scheduled rate, the rest at `backbone_rate_ratio` of it."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_ids = {id(parameter) for parameter in head.parameters()} if isinstance(head, nn.Module) else set()
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if backbone_rate_ratio == 1.0 or not head_ids:
+        return [{"params": trained, "rate_ratio": 1.0}]
+    return [
+        {"params": [parameter for parameter in trained if id(parameter) in head_ids], "rate_ratio": 1.0},
+        {"params": [parameter for parameter in trained if id(parameter) not in head_ids], "rate_ratio": backbone_rate_ratio},
+    ]
+
+
 def set_cosine_step_rate(optimizer: torch.optim.Optimizer, start: float, end: float, step: int, total_steps: int) -> float:
     """Set (and return) the rate before `step` on a cosine from `start` to `end` over `total_steps` local steps."""
     rate = end + (start - end) * 0.5 * (1 + math.cos(math.pi * step / total_steps))
     for group in optimizer.param_groups:
-        group["lr"] = rate
+        group["lr"] = rate * group.get("rate_ratio", 1.0)
     return rate
 
 
@@ -143,6 +158,7 @@ def train_epochs(
     epochs: int,
     class_counts: np.ndarray,
     global_arrays: Mapping[str, torch.Tensor] | None = None,
+    optimiser_state: dict | None = None,
     description: str = "train",
 ) -> TrainResult:
     """Train `model` in place for `epochs` passes over `loader` with Adam and a per-step cosine decay.
@@ -151,12 +167,17 @@ def train_epochs(
     schedule cut into rounds (or chunks of pooled epochs) runs the same rates. With
     `config.proximal_mu > 0` and `global_arrays`, the FedProx term mu/2 ||w - w_global||^2 pulls
     the weights towards the global model. The reported loss is the data loss, without that term.
+    `optimiser_state` (a previous result's) resumes Adam's moments instead of starting them at zero.
     """
     device = torch.device(device)
     place_model(model, device).train()
     criterion = make_loss(config, class_counts).to(device)
     trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.Adam(trained, lr=learning_rate_start, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(
+        parameter_groups(model, config.backbone_rate_ratio), lr=learning_rate_start, weight_decay=config.weight_decay
+    )
+    if optimiser_state is not None:
+        optimizer.load_state_dict(optimiser_state)
     scaler = torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None
     proximal = (
         _proximal_targets(model, global_arrays) if config.proximal_mu > 0 and global_arrays is not None else None
@@ -221,6 +242,7 @@ def train_epochs(
         steps=step,
         seconds=seconds,
         images_per_second=num_examples / seconds if seconds > 0 else float("inf"),
+        optimiser_state=optimizer.state_dict(),
     )
 
 

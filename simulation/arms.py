@@ -34,7 +34,7 @@ from shared.local_training import (
 )
 from shared.metrics import classification_metrics
 from shared.models.classifier import build_classifier
-from shared.prior_correction import fit_offsets
+from shared.prior_correction import PRIOR_STEPS, offset_step, soft_confusion
 from shared.personalisation import personalise
 from shared.weights import load_arrays_into, model_to_arrays
 from simulation.centralised import pooled_run
@@ -95,6 +95,8 @@ class ArmContext:
     def __post_init__(self) -> None:
         self.pooled_val = concatenate([images.select("val") for images in self.sites.values()])
         self.pooled_test = concatenate([images.select("test") for images in self.sites.values()])
+        self.optimiser_states: dict[str, dict] = {}
+        """Each site's Adam state between rounds (train.keep_optimiser_state)."""
         self.federation_class_counts = [
             int(count) for count in sum(images.select("train").class_counts() for images in self.sites.values())
         ]
@@ -129,15 +131,19 @@ class ArmContext:
         test_logits, test_labels = logits_on_images(model, self.pooled_test, batch_size=batch, device=self.device, precision=precision)
         before = calibration_bins(test_logits.softmax(dim=1).numpy(), test_labels.numpy())
         after = calibration_bins((test_logits / temperature).softmax(dim=1).numpy(), test_labels.numpy())
-        offsets = fit_offsets(val_logits / temperature, val_labels)
-        corrected_logits = test_logits / temperature + torch.as_tensor(offsets, dtype=torch.float32)
-        corrected = classification_metrics(test_labels.numpy(), corrected_logits.softmax(dim=1).numpy(), self.run.classes)
+        by_steps, offsets = [], np.zeros(len(self.run.classes))
+        for _ in range(PRIOR_STEPS):
+            offsets = offset_step(soft_confusion(val_logits / temperature, val_labels, offsets), offsets)
+            corrected_logits = test_logits / temperature + torch.as_tensor(offsets, dtype=torch.float32)
+            corrected = classification_metrics(test_labels.numpy(), corrected_logits.softmax(dim=1).numpy(), self.run.classes)
+            by_steps.append({name: corrected[name] for name in REPORTED_METRICS})
         return {
             "temperature": temperature,
             "test_ece": before["expected_calibration_error"],
             "test_ece_calibrated": after["expected_calibration_error"],
             "prior_offsets": [float(value) for value in offsets],
-            "prior_corrected": {name: corrected[name] for name in REPORTED_METRICS},
+            "prior_corrected": by_steps[-1],
+            "prior_corrected_by_steps": by_steps,
         }
 
     def per_site_test(self, model: nn.Module, only: str | None = None) -> dict[str, dict]:
@@ -172,7 +178,7 @@ class ArmContext:
         """One site's local training of one round, exactly as the ClientApp runs it."""
         instructions = RoundInstructions.for_round(self.run, server_round, self.federation_class_counts)
         precision = precision_for(model, self.run.train, self.device, self.run.preprocess.image_size)
-        return train_on_images(
+        result = train_on_images(
             model,
             images,
             config=self.run.train,
@@ -183,8 +189,12 @@ class ArmContext:
             seed=site_round_seed(self.run.seed, server_round, site),
             global_arrays=global_arrays,
             federation_class_counts=instructions.federation_class_counts,
+            optimiser_state=self.optimiser_states.get(site) if self.run.train.keep_optimiser_state else None,
             description=f"{site} round {server_round}",
         )
+        if self.run.train.keep_optimiser_state:
+            self.optimiser_states[site] = result.optimiser_state
+        return result
 
 
 def run_federated(context: ArmContext, arm: str) -> ArmResult:
@@ -353,6 +363,7 @@ def _keep_partial(context: ArmContext, result: ArmResult, arrays: dict, server: 
         "wall_seconds": result.wall_seconds,
         "torch_rng": torch.get_rng_state(),
         "numpy_rng": _numpy_rng_state(),
+        "optimiser_states": context.optimiser_states,
     }
     temporary = context.partial_path.with_suffix(".tmp")
     torch.save(state, temporary)
@@ -371,6 +382,7 @@ def _resume(context: ArmContext, result: ArmResult, server: ServerOptimiser | No
     state = torch.load(context.partial_path, weights_only=True)
     result.rounds = state["rounds"]
     result.wall_seconds = state["wall_seconds"]
+    context.optimiser_states.update(state.get("optimiser_states", {}))
     if server is not None:
         server.load_state({name: value.numpy() for name, value in state["server"].items()})
     torch.set_rng_state(state["torch_rng"])

@@ -83,6 +83,18 @@ def test_fedavgm_keeps_a_velocity_across_rounds(tmp_path):
     assert second["norm.running_var"] == pytest.approx([1.0, 1.0])
 
 
+def test_a_resumed_fedavgm_run_continues_the_velocity_its_checkpoint_kept(tmp_path):
+    strategy, model = _strategy(tmp_path, "fedavgm", server_momentum=0.5)
+    start = _arrays(1.0, 1.0)
+    first = _round(strategy, start, [_arrays(1.0, 2.0), _arrays(3.0, 4.0)], [1, 1], 1)
+    assert (tmp_path / "checkpoints" / "server_optimiser_001.npz").is_file()
+    # A new server process resuming after round 1: the velocity 1 comes back, so round 2 steps to 3.0 as above.
+    resumed = build_strategy(strategy.run, MetricHistory(tmp_path), CheckpointWriter(tmp_path, model, strategy.run), round_offset=1)
+    second = _round(resumed, first, [_arrays(2.5, 1.0), _arrays(2.5, 1.0)], [1, 1], 1)
+    assert second["linear.weight"] == pytest.approx(np.full((2, 2), 3.0))
+    assert (tmp_path / "checkpoints" / "server_optimiser_002.npz").is_file()
+
+
 def test_fedadam_steps_weights_and_averages_statistics(tmp_path):
     strategy, _ = _strategy(tmp_path, "fedadam", server_learning_rate=0.1)
     start = _arrays(0.0, 1.0)
