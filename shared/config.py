@@ -119,11 +119,6 @@ class TrainConfig(StrictModel):
         description="Learning rate of every layer but the classification layer, as a fraction of the scheduled rate "
         "(1: one rate for the whole network).",
     )
-    keep_optimiser_state: bool = Field(
-        False,
-        description="A site keeps its Adam moments from one round to the next (on its own disk) instead of starting "
-        "them at zero every round.",
-    )
     progress: bool = Field(True, description="Show progress bars when attached to a terminal.")
 
     @field_validator("device")

@@ -45,7 +45,6 @@ def train_on_images(
     seed: int,
     global_arrays: Mapping[str, torch.Tensor] | None = None,
     federation_class_counts: list[int] | None = None,
-    optimiser_state: dict | None = None,
     description: str = "train",
 ) -> TrainResult:
     """Fine-tune `model` in place on the given (training) images for `config.local_steps` steps or `config.local_epochs` passes (or share of one).
@@ -78,7 +77,6 @@ def train_on_images(
         epochs=(config.whole_local_epochs() or 1) if config.local_steps is None else 1,
         class_counts=batch_class_counts(images, config, federation_class_counts),
         global_arrays=global_arrays,
-        optimiser_state=optimiser_state,
         description=description,
     )
 

@@ -29,8 +29,6 @@ class TrainResult:
     steps: int
     seconds: float
     images_per_second: float
-    optimiser_state: dict | None = None
-    """Adam's state after the last step (moments per trained parameter), for a site that keeps it across rounds."""
 
 
 def place_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -158,7 +156,6 @@ def train_epochs(
     epochs: int,
     class_counts: np.ndarray,
     global_arrays: Mapping[str, torch.Tensor] | None = None,
-    optimiser_state: dict | None = None,
     description: str = "train",
 ) -> TrainResult:
     """Train `model` in place for `epochs` passes over `loader` with Adam and a per-step cosine decay.
@@ -167,7 +164,6 @@ def train_epochs(
     schedule cut into rounds (or chunks of pooled epochs) runs the same rates. With
     `config.proximal_mu > 0` and `global_arrays`, the FedProx term mu/2 ||w - w_global||^2 pulls
     the weights towards the global model. The reported loss is the data loss, without that term.
-    `optimiser_state` (a previous result's) resumes Adam's moments instead of starting them at zero.
     """
     device = torch.device(device)
     place_model(model, device).train()
@@ -176,8 +172,6 @@ def train_epochs(
     optimizer = torch.optim.Adam(
         parameter_groups(model, config.backbone_rate_ratio), lr=learning_rate_start, weight_decay=config.weight_decay
     )
-    if optimiser_state is not None:
-        optimizer.load_state_dict(optimiser_state)
     scaler = torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None
     proximal = (
         _proximal_targets(model, global_arrays) if config.proximal_mu > 0 and global_arrays is not None else None
@@ -242,7 +236,6 @@ def train_epochs(
         steps=step,
         seconds=seconds,
         images_per_second=num_examples / seconds if seconds > 0 else float("inf"),
-        optimiser_state=optimizer.state_dict(),
     )
 
 

@@ -95,8 +95,6 @@ class ArmContext:
     def __post_init__(self) -> None:
         self.pooled_val = concatenate([images.select("val") for images in self.sites.values()])
         self.pooled_test = concatenate([images.select("test") for images in self.sites.values()])
-        self.optimiser_states: dict[str, dict] = {}
-        """Each site's Adam state between rounds (train.keep_optimiser_state)."""
         self.federation_class_counts = [
             int(count) for count in sum(images.select("train").class_counts() for images in self.sites.values())
         ]
@@ -178,7 +176,7 @@ class ArmContext:
         """One site's local training of one round, exactly as the ClientApp runs it."""
         instructions = RoundInstructions.for_round(self.run, server_round, self.federation_class_counts)
         precision = precision_for(model, self.run.train, self.device, self.run.preprocess.image_size)
-        result = train_on_images(
+        return train_on_images(
             model,
             images,
             config=self.run.train,
@@ -189,12 +187,8 @@ class ArmContext:
             seed=site_round_seed(self.run.seed, server_round, site),
             global_arrays=global_arrays,
             federation_class_counts=instructions.federation_class_counts,
-            optimiser_state=self.optimiser_states.get(site) if self.run.train.keep_optimiser_state else None,
             description=f"{site} round {server_round}",
         )
-        if self.run.train.keep_optimiser_state:
-            self.optimiser_states[site] = result.optimiser_state
-        return result
 
 
 def run_federated(context: ArmContext, arm: str) -> ArmResult:
@@ -363,7 +357,6 @@ def _keep_partial(context: ArmContext, result: ArmResult, arrays: dict, server: 
         "wall_seconds": result.wall_seconds,
         "torch_rng": torch.get_rng_state(),
         "numpy_rng": _numpy_rng_state(),
-        "optimiser_states": context.optimiser_states,
     }
     temporary = context.partial_path.with_suffix(".tmp")
     torch.save(state, temporary)
@@ -382,7 +375,6 @@ def _resume(context: ArmContext, result: ArmResult, server: ServerOptimiser | No
     state = torch.load(context.partial_path, weights_only=True)
     result.rounds = state["rounds"]
     result.wall_seconds = state["wall_seconds"]
-    context.optimiser_states.update(state.get("optimiser_states", {}))
     if server is not None:
         server.load_state({name: value.numpy() for name, value in state["server"].items()})
     torch.set_rng_state(state["torch_rng"])
