@@ -112,13 +112,6 @@ class TrainConfig(StrictModel):
     max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on optimiser steps per epoch (smoke runs).")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")
     proximal_mu: float = Field(0.0, ge=0, description="FedProx proximal term weight (0 = plain local SGD).")
-    backbone_rate_ratio: float = Field(
-        1.0,
-        gt=0,
-        le=1,
-        description="Learning rate of every layer but the classification layer, as a fraction of the scheduled rate "
-        "(1: one rate for the whole network).",
-    )
     progress: bool = Field(True, description="Show progress bars when attached to a terminal.")
 
     @field_validator("device")

@@ -44,24 +44,11 @@ def cosine_learning_rate(base_rate: float, min_ratio: float, progress: float) ->
     return floor + (base_rate - floor) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
-def parameter_groups(model: nn.Module, backbone_rate_ratio: float) -> list[dict]:
-    """Adam's parameter groups: the classification layer at the scheduled rate, the rest at `backbone_rate_ratio` of it."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    head_ids = {id(parameter) for parameter in head.parameters()} if isinstance(head, nn.Module) else set()
-    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    if backbone_rate_ratio == 1.0 or not head_ids:
-        return [{"params": trained, "rate_ratio": 1.0}]
-    return [
-        {"params": [parameter for parameter in trained if id(parameter) in head_ids], "rate_ratio": 1.0},
-        {"params": [parameter for parameter in trained if id(parameter) not in head_ids], "rate_ratio": backbone_rate_ratio},
-    ]
-
-
 def set_cosine_step_rate(optimizer: torch.optim.Optimizer, start: float, end: float, step: int, total_steps: int) -> float:
     """Set (and return) the rate before `step` on a cosine from `start` to `end` over `total_steps` local steps."""
     rate = end + (start - end) * 0.5 * (1 + math.cos(math.pi * step / total_steps))
     for group in optimizer.param_groups:
-        group["lr"] = rate * group.get("rate_ratio", 1.0)
+        group["lr"] = rate
     return rate
 
 
@@ -169,9 +156,7 @@ def train_epochs(
     place_model(model, device).train()
     criterion = make_loss(config, class_counts).to(device)
     trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.Adam(
-        parameter_groups(model, config.backbone_rate_ratio), lr=learning_rate_start, weight_decay=config.weight_decay
-    )
+    optimizer = torch.optim.Adam(trained, lr=learning_rate_start, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None
     proximal = (
         _proximal_targets(model, global_arrays) if config.proximal_mu > 0 and global_arrays is not None else None

@@ -55,7 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--balance", choices=["sampler", "global", "none"], default=train.balance)
     parser.add_argument("--loss", choices=["ce", "weighted-ce", "focal", "balanced-softmax"], default=train.loss)
     parser.add_argument("--label-smoothing", type=float, default=train.label_smoothing)
-    parser.add_argument("--backbone-rate-ratio", type=float, default=train.backbone_rate_ratio, help="backbone rate / head rate")
     parser.add_argument("--proximal-mu", type=float, default=federation.proximal_mu)
     parser.add_argument("--server-lr", type=float, default=federation.server_learning_rate, help="FedAdam server step size")
     parser.add_argument("--server-momentum", type=float, default=federation.server_momentum)
@@ -87,7 +86,6 @@ def bench_run_config(args: argparse.Namespace, classes: list[str], seed: int) ->
                 balance=args.balance,
                 loss=args.loss,
                 label_smoothing=args.label_smoothing,
-                backbone_rate_ratio=args.backbone_rate_ratio,
                 amp=args.amp,
                 device=args.device,
                 num_workers=args.workers,
