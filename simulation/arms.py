@@ -55,6 +55,8 @@ class ArmResult:
     per_site: dict[str, dict] = field(default_factory=dict)
     per_site_global: dict[str, dict] = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
+    precisions: list[str] = field(default_factory=list)
+    """The training precisions the cell used (amp 'auto' picks bf16 or fp32 by a timing, which changes figures)."""
 
     def final(self) -> dict:
         """Test figures of the last round's model."""
@@ -75,6 +77,7 @@ class ArmResult:
             "per_site": self.per_site,
             "per_site_global": self.per_site_global,
             "calibration": self.calibration,
+            "precisions": self.precisions,
             "final": self.final(),
             "selected_round": self.selected_round(),
             "selected": self.rounds[self.selected_round() - 1]["test"],
@@ -95,13 +98,17 @@ class ArmContext:
     def __post_init__(self) -> None:
         self.pooled_val = concatenate([images.select("val") for images in self.sites.values()])
         self.pooled_test = concatenate([images.select("test") for images in self.sites.values()])
+        self.precisions: set[str] = set()
+        """Training precisions used so far (see ArmResult.precisions)."""
         self.federation_class_counts = [
             int(count) for count in sum(images.select("train").class_counts() for images in self.sites.values())
         ]
 
     def with_run(self, run: RunConfig) -> ArmContext:
-        """The same context with other settings."""
-        return ArmContext(run, self.sites, self.device, self.log, self.partial_path)
+        """The same context with other settings (the precisions used are counted together)."""
+        derived = ArmContext(run, self.sites, self.device, self.log, self.partial_path)
+        derived.precisions = self.precisions
+        return derived
 
     def new_model(self) -> nn.Module:
         """The run's classifier at its initial (pretrained) weights, on the device."""
@@ -176,6 +183,7 @@ class ArmContext:
         """One site's local training of one round, exactly as the ClientApp runs it."""
         instructions = RoundInstructions.for_round(self.run, server_round, self.federation_class_counts)
         precision = precision_for(model, self.run.train, self.device, self.run.preprocess.image_size)
+        self.precisions.add(precision.name)
         return train_on_images(
             model,
             images,
@@ -335,15 +343,13 @@ def run_local(context: ArmContext) -> ArmResult:
 
 def run_arm(context: ArmContext, arm: str) -> ArmResult:
     """Run one named arm (see ARMS)."""
-    if arm == "pooled":
-        return run_pooled(context)
-    if arm == "local":
-        return run_local(context)
-    if arm in FEDERATED_ARMS:
-        return run_federated(context, arm)
-    if arm == "personalised":
-        return run_personalised(context)
-    raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+    runners = {"pooled": run_pooled, "local": run_local, "personalised": run_personalised}
+    runners.update({name: lambda context, name=name: run_federated(context, name) for name in FEDERATED_ARMS})
+    if arm not in runners:
+        raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+    result = runners[arm](context)
+    result.precisions = sorted(context.precisions)
+    return result
 
 
 def _keep_partial(context: ArmContext, result: ArmResult, arrays: dict, server: ServerOptimiser | None = None) -> None:

@@ -48,6 +48,7 @@ def test_gpu_script_writes_cells_and_table_then_the_bench_skips_finished_cells(t
     assert 1 <= cell["selected_round"] <= 2
     assert set(cell["per_site"]) == {"demo_clinic_1", "demo_clinic_2", "demo_clinic_3"}
     assert cell["calibration"]["temperature"] > 0
+    assert len(cell["calibration"]["prior_offsets"]) == 7 and cell["calibration"]["prior_corrected"]["balanced_accuracy"] >= 0
     table = (out / "table.md").read_text()
     assert "| pooled | 1 |" in table and "| fedavg | 1 |" in table
     assert (out / "table.png").stat().st_size > 0 and (out / "table.csv").exists()
@@ -89,6 +90,7 @@ def test_an_interrupted_cell_continues_after_its_last_finished_round_with_the_sa
     fixed = ("--arms", "fedavg", "--seeds", "0", "--amp", "off")
     assert _bench(tmp_path / "whole", demo_data, cache, *fixed) == 0
     whole = json.loads((tmp_path / "whole" / "cells" / "fedavg_seed0.json").read_text())
+    assert whole["precisions"] == ["fp32"]  # each cell records the precision it trained in
 
     class Interrupted(Exception):
         pass
