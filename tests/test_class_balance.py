@@ -67,3 +67,43 @@ def test_global_balance_is_refused_under_local_privacy():
             train={"balance": "global"},
             privacy={"mode": "local", "target_epsilon": 8.0, "target_delta": 1e-5, "max_grad_norm": 1.0},
         )
+
+
+class _CountingGrid:
+    """Answers every class-count query with the counts given per node (None: an error reply)."""
+
+    def __init__(self, answers: dict) -> None:
+        self.answers = answers
+
+    def get_node_ids(self):
+        return list(self.answers)
+
+    def send_and_receive(self, messages, timeout=None):
+        from types import SimpleNamespace
+
+        from flwr.app import MetricRecord, RecordDict
+
+        replies = []
+        for message in messages:
+            counts = self.answers[message.metadata.dst_node_id]
+            if counts is None:
+                replies.append(SimpleNamespace(has_error=lambda: True, error=SimpleNamespace(reason="site-data"), metadata=SimpleNamespace(src_node_id=message.metadata.dst_node_id)))
+                continue
+            content = RecordDict({"metrics": MetricRecord({"num-examples": sum(counts), "class-counts": counts})})
+            replies.append(SimpleNamespace(content=content, has_error=lambda: False, metadata=SimpleNamespace(src_node_id=message.metadata.dst_node_id)))
+        return replies
+
+
+def test_the_census_sums_the_sites_counts_leaves_out_bad_answers_and_needs_one(monkeypatch):
+    from types import SimpleNamespace
+
+    from server.class_census import take_class_census
+
+    monkeypatch.setattr("server.class_census.Message", lambda content, dst_node_id, message_type: SimpleNamespace(
+        content=content, metadata=SimpleNamespace(dst_node_id=dst_node_id), message_type=message_type))
+
+    run = RunConfig(classes=["x", "y", "z"], train={"balance": "global"})
+    grid = _CountingGrid({1: [8, 2, 0], 2: [2, 2, 4], 3: None, 4: [1, 1]})
+    assert take_class_census(grid, run, 1, min_sites=1) == FEDERATION
+    with pytest.raises(ConfigError, match="no site answered the class census"):
+        take_class_census(_CountingGrid({1: None}), run, 1, min_sites=1)

@@ -64,3 +64,73 @@ def test_folding_adds_the_offsets_to_the_logits():
     assert torch.allclose(model(inputs).detach(), before + torch.tensor([0.5, -0.25, 0.0]), atol=1e-6)
     with pytest.raises(ModelError, match="linear classification layer"):
         fold_offsets(nn.Sequential(nn.ReLU()), np.zeros(3))
+
+
+class _Classifier(nn.Module):
+    """A linear classifier over given features: what the sites' logits come from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(3, 3)
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(features)
+
+
+class _SitesGrid:
+    """Two sites with validation features; each answers a prior query with the sent model's soft confusion."""
+
+    def __init__(self, sites: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.sites = dict(enumerate(sites, start=1))
+        self.queries = 0
+
+    def get_node_ids(self):
+        return list(self.sites)
+
+    def send_and_receive(self, messages, timeout=None):
+        from types import SimpleNamespace
+
+        from flwr.app import MetricRecord, RecordDict
+
+        self.queries += 1
+        replies = []
+        for message in messages:
+            features, labels = self.sites[message.metadata.dst_node_id]
+            arrays = message.content["arrays"]
+            weight, bias = (torch.from_numpy(arrays[name].numpy()) for name in ("classifier.weight", "classifier.bias"))
+            sums = soft_confusion(features @ weight.T + bias, labels).ravel().tolist()
+            content = RecordDict({"metrics": MetricRecord({"num-examples": len(labels), "val-soft-confusion": sums})})
+            replies.append(SimpleNamespace(content=content, has_error=lambda: False, metadata=SimpleNamespace(src_node_id=message.metadata.dst_node_id)))
+        return replies
+
+
+def test_the_server_folds_the_offsets_its_sites_soft_confusion_gives(monkeypatch):
+    from types import SimpleNamespace
+
+    from flwr.app import Array, ArrayRecord
+
+    from server.prior_correction import correct_class_prior
+    from shared.config import RunConfig
+    from shared.weights import model_to_arrays
+
+    monkeypatch.setattr("server.prior_correction.Message", lambda content, dst_node_id, message_type: SimpleNamespace(
+        content=content, metadata=SimpleNamespace(dst_node_id=dst_node_id), message_type=message_type))
+    skewed, _, labels = _skewed_logits()
+    model = _Classifier()
+    with torch.no_grad():  # identity weights: the features are the skewed logits themselves
+        model.classifier.weight.copy_(torch.eye(3))
+        model.classifier.bias.zero_()
+    arrays = ArrayRecord({name: Array(value) for name, value in model_to_arrays(model).items()})
+    grid = _SitesGrid([(skewed[::2], labels[::2]), (skewed[1::2], labels[1::2])])
+    corrected, offsets = correct_class_prior(grid, RunConfig(classes=["a", "b", "c"]), arrays, model)
+    assert grid.queries == PRIOR_STEPS
+    # The same steps on the pooled logits: summing the sites' soft confusion is the pooled soft confusion.
+    expected = np.zeros(3)
+    for _ in range(PRIOR_STEPS):
+        expected = offset_step(soft_confusion(skewed, labels, expected), expected)
+    assert offsets == pytest.approx(expected.tolist(), abs=1e-6)
+    assert corrected["classifier.bias"].numpy() == pytest.approx(expected, abs=1e-5)
+    assert offsets[2] > 1.5  # the pushed-down class is raised
