@@ -9,8 +9,8 @@ from client.received import receive, round_training_images, training_images_of
 from shared.batch_norm import measure_batch_norm_statistics
 from shared.calibration import TEMPERATURES, summed_negative_log_likelihoods
 from shared.local_training import logits_on_images, precision_for
-from shared.prior_correction import soft_confusion
 from shared.config import RoundInstructions
+from shared.prior_correction import soft_confusion
 from shared.protocol import (
     BATCH_NORM_ACTION,
     CALIBRATE_ACTION,
@@ -23,42 +23,38 @@ from shared.protocol import (
 )
 
 
+def _validation_logits(message: Message, context: Context, source) -> tuple:
+    """The run, the site, its validation image count, and the sent model's logits and labels on them (None without any)."""
+    _, run, site, device, model, _ = receive(message, context, source).unpack()
+    val_images = site.images.select("val")
+    if not len(val_images):
+        return run, site, 0, None
+    precision = precision_for(model, run.train, device, run.preprocess.image_size)
+    scored = logits_on_images(model, val_images, batch_size=run.train.batch_size * 2, device=device, precision=precision)
+    return run, site, len(val_images), scored
+
+
+def _reply(message: Message, site, metrics: dict, **arrays: ArrayRecord) -> Message:
+    """The reply to `message`: the metrics, the site's name and any array records."""
+    return Message(
+        RecordDict({**arrays, "metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})}), reply_to=message
+    )
+
+
 def register_model_queries(app: ClientApp, source) -> None:
     """Add the calibration, prior-correction, BatchNorm-statistics and class-count query handlers to `app`."""
 
     @app.query(CALIBRATE_ACTION)
     def calibrate(message: Message, context: Context) -> Message:
-        _, run, site, device, model, _ = receive(message, context, source).unpack()
-        val_images = site.images.select("val")
-        sums = [0.0] * len(TEMPERATURES)
-        if len(val_images):
-            precision = precision_for(model, run.train, device, run.preprocess.image_size)
-            logits, labels = logits_on_images(model, val_images, batch_size=run.train.batch_size * 2, device=device, precision=precision)
-            sums = summed_negative_log_likelihoods(logits, labels).tolist()
-        reply = RecordDict(
-            {
-                "metrics": MetricRecord({"num-examples": len(val_images), NEGATIVE_LOG_LIKELIHOODS_KEY: sums}),
-                "site": ConfigRecord({"name": site.name}),
-            }
-        )
-        return Message(reply, reply_to=message)
+        _, site, count, scored = _validation_logits(message, context, source)
+        sums = summed_negative_log_likelihoods(*scored).tolist() if scored is not None else [0.0] * len(TEMPERATURES)
+        return _reply(message, site, {"num-examples": count, NEGATIVE_LOG_LIKELIHOODS_KEY: sums})
 
     @app.query(PRIOR_ACTION)
     def prior(message: Message, context: Context) -> Message:
-        _, run, site, device, model, _ = receive(message, context, source).unpack()
-        val_images = site.images.select("val")
-        sums = [0.0] * (len(run.classes) ** 2)
-        if len(val_images):
-            precision = precision_for(model, run.train, device, run.preprocess.image_size)
-            logits, labels = logits_on_images(model, val_images, batch_size=run.train.batch_size * 2, device=device, precision=precision)
-            sums = [float(value) for value in soft_confusion(logits, labels).ravel()]
-        reply = RecordDict(
-            {
-                "metrics": MetricRecord({"num-examples": len(val_images), SOFT_CONFUSION_KEY: sums}),
-                "site": ConfigRecord({"name": site.name}),
-            }
-        )
-        return Message(reply, reply_to=message)
+        run, site, count, scored = _validation_logits(message, context, source)
+        sums = soft_confusion(*scored).ravel().tolist() if scored is not None else [0.0] * len(run.classes) ** 2
+        return _reply(message, site, {"num-examples": count, SOFT_CONFUSION_KEY: sums})
 
     @app.query(BATCH_NORM_ACTION)
     def batch_norm_statistics(message: Message, context: Context) -> Message:
@@ -69,26 +65,15 @@ def register_model_queries(app: ClientApp, source) -> None:
         statistics = measure_batch_norm_statistics(
             model, train_images, batch_size=run.train.batch_size * 2, device=device, precision=precision
         )
-        reply = RecordDict(
-            {
-                "statistics": ArrayRecord({name: Array(value) for name, value in statistics.items()}),
-                "metrics": MetricRecord({"num-examples": len(train_images)}),
-                "site": ConfigRecord({"name": site.name}),
-            }
+        return _reply(
+            message, site, {"num-examples": len(train_images)},
+            statistics=ArrayRecord({name: Array(value) for name, value in statistics.items()}),
         )
-        return Message(reply, reply_to=message)
 
     @app.query(CLASS_COUNTS_ACTION)
     def class_counts(message: Message, context: Context) -> Message:
         run = RoundInstructions.from_coordinator(message.content["config"][INSTRUCTIONS_KEY]).run
         site = source.load(context, run)
         train_images, _ = training_images_of(site, run, source, context)
-        reply = RecordDict(
-            {
-                "metrics": MetricRecord(
-                    {"num-examples": len(train_images), CLASS_COUNTS_KEY: [int(count) for count in train_images.class_counts()]}
-                ),
-                "site": ConfigRecord({"name": site.name}),
-            }
-        )
-        return Message(reply, reply_to=message)
+        counts = [int(count) for count in train_images.class_counts()]
+        return _reply(message, site, {"num-examples": len(train_images), CLASS_COUNTS_KEY: counts})

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp import Grid
 from torch import nn
 
 from server.checkpoint import array_record_to_numpy
+from server.site_queries import ask_sites
 from shared.calibration import best_temperature, fold_temperature
-from shared.config import RoundInstructions, RunConfig
-from shared.protocol import CALIBRATE_MESSAGE, INSTRUCTIONS_KEY, NEGATIVE_LOG_LIKELIHOODS_KEY
+from shared.config import RunConfig
+from shared.protocol import CALIBRATE_MESSAGE, NEGATIVE_LOG_LIKELIHOODS_KEY
 from shared.weights import load_arrays_into, model_to_arrays
 
 logger = logging.getLogger(__name__)
@@ -23,21 +24,11 @@ def calibrate_handed_on_model(grid: Grid, run: RunConfig, arrays: ArrayRecord, m
 
     Returns the arrays unchanged and None when no site has validation images or none answered.
     """
-    instructions = RoundInstructions.for_round(run, run.federation.rounds)
-    config = ConfigRecord({INSTRUCTIONS_KEY: instructions.model_dump_json()})
-    messages = [
-        Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type=CALIBRATE_MESSAGE)
-        for node in grid.get_node_ids()
+    sums = [
+        np.asarray(answer.metrics[NEGATIVE_LOG_LIKELIHOODS_KEY], dtype=np.float64)
+        for answer in ask_sites(grid, run, CALIBRATE_MESSAGE, server_round=run.federation.rounds, purpose="calibration", arrays=arrays)
+        if int(answer.metrics["num-examples"]) > 0
     ]
-    replies = list(grid.send_and_receive(messages, timeout=run.federation.round_timeout_s))
-    sums = []
-    for reply in replies:
-        if reply.has_error():
-            logger.warning("calibration: node %s did not answer (%s)", reply.metadata.src_node_id, str(reply.error.reason)[:300])
-            continue
-        metrics = next(iter(reply.content.metric_records.values()))
-        if int(metrics["num-examples"]) > 0:
-            sums.append(np.asarray(metrics[NEGATIVE_LOG_LIKELIHOODS_KEY], dtype=np.float64))
     if not sums:
         logger.warning("calibration: no site scored validation images; the model keeps its uncalibrated probabilities")
         return arrays, None

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import time
 
-from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from shared.config import RoundInstructions, RunConfig
+from server.site_queries import ask_sites
+from shared.config import RunConfig
 from shared.errors import ConfigError
-from shared.protocol import CLASS_COUNTS_KEY, CLASS_COUNTS_MESSAGE, INSTRUCTIONS_KEY
+from shared.protocol import CLASS_COUNTS_KEY, CLASS_COUNTS_MESSAGE
 
 logger = logging.getLogger(__name__)
 
@@ -24,20 +24,12 @@ def take_class_census(grid: Grid, run: RunConfig, server_round: int, min_sites: 
     while len(nodes := sorted(grid.get_node_ids())) < min_sites:
         logger.info("class census: waiting for sites, %d connected (minimum %d)", len(nodes), min_sites)
         time.sleep(1)
-    instructions = RoundInstructions.for_round(run, server_round)
-    config = ConfigRecord({INSTRUCTIONS_KEY: instructions.model_dump_json()})
-    messages = [
-        Message(RecordDict({"config": config}), dst_node_id=node, message_type=CLASS_COUNTS_MESSAGE) for node in nodes
-    ]
     totals = [0] * len(run.classes)
     answered = 0
-    for reply in grid.send_and_receive(messages, timeout=run.federation.round_timeout_s):
-        if reply.has_error():
-            logger.warning("class census: node %s did not answer (%s)", reply.metadata.src_node_id, str(reply.error.reason)[:300])
-            continue
-        counts = list(next(iter(reply.content.metric_records.values()))[CLASS_COUNTS_KEY])
+    for answer in ask_sites(grid, run, CLASS_COUNTS_MESSAGE, server_round=server_round, purpose="class census", nodes=nodes):
+        counts = list(answer.metrics[CLASS_COUNTS_KEY])
         if len(counts) != len(totals) or any(int(count) < 0 for count in counts):
-            logger.warning("class census: node %s sent %d counts for %d classes; left out", reply.metadata.src_node_id, len(counts), len(totals))
+            logger.warning("class census: node %s sent %d counts for %d classes; left out", answer.node, len(counts), len(totals))
             continue
         totals = [total + int(count) for total, count in zip(totals, counts)]
         answered += 1

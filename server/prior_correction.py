@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp import Grid
 from torch import nn
 
 from server.checkpoint import array_record_to_numpy
-from shared.config import RoundInstructions, RunConfig
+from server.site_queries import ask_sites
+from shared.config import RunConfig
 from shared.prior_correction import PRIOR_STEPS, fold_offsets, offset_step
-from shared.protocol import INSTRUCTIONS_KEY, PRIOR_MESSAGE, SOFT_CONFUSION_KEY
+from shared.protocol import PRIOR_MESSAGE, SOFT_CONFUSION_KEY
 from shared.weights import load_arrays_into, model_to_arrays
 
 logger = logging.getLogger(__name__)
@@ -31,25 +32,19 @@ def correct_class_prior(grid: Grid, run: RunConfig, arrays: ArrayRecord, model: 
     validation probabilities per true class, and the server's step (shared.prior_correction)
     moves the offsets. Returns the arrays unchanged and None when no site has validation images.
     """
-    instructions = RoundInstructions.for_round(run, run.federation.rounds)
-    config = ConfigRecord({INSTRUCTIONS_KEY: instructions.model_dump_json()})
     base = array_record_to_numpy(arrays)
     num_classes = len(run.classes)
     offsets = np.zeros(num_classes)
     for step in range(PRIOR_STEPS):
-        sent = _with_offsets(model, base, offsets)
-        messages = [
-            Message(RecordDict({"arrays": sent, "config": config}), dst_node_id=node, message_type=PRIOR_MESSAGE)
-            for node in grid.get_node_ids()
-        ]
+        answers = ask_sites(
+            grid, run, PRIOR_MESSAGE, server_round=run.federation.rounds, purpose="prior correction",
+            arrays=_with_offsets(model, base, offsets),
+        )
         summed, sites = np.zeros((num_classes, num_classes)), 0
-        for reply in grid.send_and_receive(messages, timeout=run.federation.round_timeout_s):
-            if reply.has_error():
-                logger.warning("prior correction: node %s did not answer (%s)", reply.metadata.src_node_id, str(reply.error.reason)[:300])
-                continue
-            values = np.asarray(next(iter(reply.content.metric_records.values()))[SOFT_CONFUSION_KEY], dtype=np.float64)
+        for answer in answers:
+            values = np.asarray(answer.metrics[SOFT_CONFUSION_KEY], dtype=np.float64)
             if values.size != num_classes**2:
-                logger.warning("prior correction: node %s sent %d numbers for %d classes; left out", reply.metadata.src_node_id, values.size, num_classes)
+                logger.warning("prior correction: node %s sent %d numbers for %d classes; left out", answer.node, values.size, num_classes)
                 continue
             summed += values.reshape(num_classes, num_classes)
             sites += 1

@@ -37,8 +37,6 @@ def counts_seen_by_site(site_counts: np.ndarray | list[int], federation_counts: 
             f"the federation's class counts name {federation.size} classes and the site's {site.size}; "
             "the server and the sites must use the same class list"
         )
-    if (federation < 0).any():
-        raise ConfigError(f"federation class counts {federation.tolist()} hold a negative count")
     return np.maximum(site, federation)
 
 

@@ -342,12 +342,17 @@ def run_local(context: ArmContext) -> ArmResult:
 
 
 def run_arm(context: ArmContext, arm: str) -> ArmResult:
-    """Run one named arm (see ARMS)."""
-    runners = {"pooled": run_pooled, "local": run_local, "personalised": run_personalised}
-    runners.update({name: lambda context, name=name: run_federated(context, name) for name in FEDERATED_ARMS})
-    if arm not in runners:
+    """Run one named arm (see ARMS), with the training precisions it used."""
+    if arm == "pooled":
+        result = run_pooled(context)
+    elif arm == "local":
+        result = run_local(context)
+    elif arm in FEDERATED_ARMS:
+        result = run_federated(context, arm)
+    elif arm == "personalised":
+        result = run_personalised(context)
+    else:
         raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
-    result = runners[arm](context)
     result.precisions = sorted(context.precisions)
     return result
 

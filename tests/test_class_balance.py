@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from flwr.app import MetricRecord, RecordDict
 
 from shared.class_balance import balanced_class_draws, balanced_epoch_share, counts_seen_by_site, federation_balanced_weights
 from shared.config import RunConfig, TrainConfig
@@ -10,6 +11,7 @@ from shared.data.cache import CachedImages
 from shared.errors import ConfigError
 from shared.local_training import batch_class_counts, epoch_samples
 from shared.training import BalancedSoftmaxLoss, log_class_prior
+from fake_grid import error_reply, site_reply, use_plain_messages
 
 SITES = {"a": [8, 2, 0], "b": [2, 2, 4]}
 FEDERATION = [10, 4, 4]
@@ -79,28 +81,20 @@ class _CountingGrid:
         return list(self.answers)
 
     def send_and_receive(self, messages, timeout=None):
-        from types import SimpleNamespace
-
-        from flwr.app import MetricRecord, RecordDict
-
         replies = []
         for message in messages:
-            counts = self.answers[message.metadata.dst_node_id]
+            node, counts = message.metadata.dst_node_id, self.answers[message.metadata.dst_node_id]
             if counts is None:
-                replies.append(SimpleNamespace(has_error=lambda: True, error=SimpleNamespace(reason="site-data"), metadata=SimpleNamespace(src_node_id=message.metadata.dst_node_id)))
+                replies.append(error_reply(node, "site-data"))
                 continue
-            content = RecordDict({"metrics": MetricRecord({"num-examples": sum(counts), "class-counts": counts})})
-            replies.append(SimpleNamespace(content=content, has_error=lambda: False, metadata=SimpleNamespace(src_node_id=message.metadata.dst_node_id)))
+            replies.append(site_reply(node, RecordDict({"metrics": MetricRecord({"num-examples": sum(counts), "class-counts": counts})})))
         return replies
 
 
 def test_the_census_sums_the_sites_counts_leaves_out_bad_answers_and_needs_one(monkeypatch):
-    from types import SimpleNamespace
-
     from server.class_census import take_class_census
 
-    monkeypatch.setattr("server.class_census.Message", lambda content, dst_node_id, message_type: SimpleNamespace(
-        content=content, metadata=SimpleNamespace(dst_node_id=dst_node_id), message_type=message_type))
+    use_plain_messages(monkeypatch)
 
     run = RunConfig(classes=["x", "y", "z"], train={"balance": "global"})
     grid = _CountingGrid({1: [8, 2, 0], 2: [2, 2, 4], 3: None, 4: [1, 1]})

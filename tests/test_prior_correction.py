@@ -8,6 +8,7 @@ from torch import nn
 from shared.errors import ModelError
 from shared.metrics import classification_metrics
 from shared.prior_correction import MAX_OFFSET, PRIOR_STEPS, fold_offsets, offset_step, soft_confusion
+from fake_grid import site_reply, use_plain_messages
 
 
 def _skewed_logits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,8 +92,6 @@ class _SitesGrid:
         return list(self.sites)
 
     def send_and_receive(self, messages, timeout=None):
-        from types import SimpleNamespace
-
         from flwr.app import MetricRecord, RecordDict
 
         self.queries += 1
@@ -103,21 +102,18 @@ class _SitesGrid:
             weight, bias = (torch.from_numpy(arrays[name].numpy()) for name in ("classifier.weight", "classifier.bias"))
             sums = soft_confusion(features @ weight.T + bias, labels).ravel().tolist()
             content = RecordDict({"metrics": MetricRecord({"num-examples": len(labels), "val-soft-confusion": sums})})
-            replies.append(SimpleNamespace(content=content, has_error=lambda: False, metadata=SimpleNamespace(src_node_id=message.metadata.dst_node_id)))
+            replies.append(site_reply(message.metadata.dst_node_id, content))
         return replies
 
 
 def test_the_server_folds_the_offsets_its_sites_soft_confusion_gives(monkeypatch):
-    from types import SimpleNamespace
-
     from flwr.app import Array, ArrayRecord
 
     from server.prior_correction import correct_class_prior
     from shared.config import RunConfig
     from shared.weights import model_to_arrays
 
-    monkeypatch.setattr("server.prior_correction.Message", lambda content, dst_node_id, message_type: SimpleNamespace(
-        content=content, metadata=SimpleNamespace(dst_node_id=dst_node_id), message_type=message_type))
+    use_plain_messages(monkeypatch)
     skewed, _, labels = _skewed_logits()
     model = _Classifier()
     with torch.no_grad():  # identity weights: the features are the skewed logits themselves

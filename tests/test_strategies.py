@@ -15,6 +15,7 @@ from shared.aggregation import ServerOptimiser, weighted_average
 from shared.config import FederationConfig, RunConfig
 from shared.errors import ConfigError
 from shared.weights import model_to_arrays
+from fake_grid import site_reply, use_plain_messages
 
 
 class TinyNet(nn.Module):
@@ -45,7 +46,7 @@ def _replies(strategy, updates: list[dict], examples: list[int]) -> list[SimpleN
                 "site": ConfigRecord({"name": f"site-{node}"}),
             }
         )
-        replies.append(SimpleNamespace(content=content, metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False))
+        replies.append(site_reply(node, content))
     strategy._asked_nodes = {reply.metadata.src_node_id for reply in replies}
     return replies
 
@@ -146,15 +147,14 @@ class _FakeGrid:
                     "metrics": MetricRecord({"num-examples": count}),
                 }
             )
-            replies.append(SimpleNamespace(content=content, metadata=SimpleNamespace(src_node_id=message.metadata.dst_node_id), has_error=lambda: False))
+            replies.append(site_reply(message.metadata.dst_node_id, content))
         return replies
 
 
 def test_batch_norm_recalibration_merges_the_sites_measurements(tmp_path, monkeypatch):
     from server.batch_norm_recalibration import recalibrate_batch_norm
 
-    monkeypatch.setattr("server.batch_norm_recalibration.Message", lambda content, dst_node_id, message_type: SimpleNamespace(
-        content=content, metadata=SimpleNamespace(dst_node_id=dst_node_id), message_type=message_type))
+    use_plain_messages(monkeypatch)
     run = RunConfig(classes=["a", "b"], federation=FederationConfig(batch_norm="recalibrate"))
     start = _arrays(0.5, 1.0)
     grid = _FakeGrid(
