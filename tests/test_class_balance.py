@@ -67,7 +67,7 @@ def test_global_balance_is_refused_under_local_privacy():
     with pytest.raises(ValueError, match="balance 'global'"):
         RunConfig(
             train={"balance": "global"},
-            privacy={"mode": "local", "target_epsilon": 8.0, "target_delta": 1e-5, "max_grad_norm": 1.0},
+            privacy={"mode": "local", "target_epsilon": 8.0},
         )
 
 

@@ -16,6 +16,8 @@ from shared.privacy.training import PerSampleLoss
 from shared.training import BalancedSoftmaxLoss, log_class_prior, make_loss
 
 FP32 = Precision(None, False, "cpu")
+LOCAL_DP = {"mode": "local", "target_epsilon": 8.0, "target_delta": 1e-5, "max_grad_norm": 1.0}
+"""A complete local-DP setting, for the refusals of recipe options that DP-SGD's accounting excludes."""
 
 
 def _images(count: int, size: int = 8, seed: int = 0) -> CachedImages:
@@ -77,7 +79,7 @@ def test_local_steps_exclude_epochs_and_private_training():
     with pytest.raises(ValueError, match="train.local_steps does not apply"):
         RunConfig(
             train={"local_steps": 10, "balance": "none"},
-            privacy={"mode": "local", "target_epsilon": 8.0, "target_delta": 1e-5, "max_grad_norm": 1.0},
+            privacy=LOCAL_DP,
         )
 
 
@@ -95,7 +97,7 @@ def test_a_share_of_an_epoch_excludes_a_step_cap_and_private_training():
     with pytest.raises(ValueError, match="whole number of local epochs"):
         RunConfig(
             train={"local_epochs": 0.5, "balance": "none"},
-            privacy={"mode": "local", "target_epsilon": 8.0, "target_delta": 1e-5, "max_grad_norm": 1.0},
+            privacy=LOCAL_DP,
         )
 
 
@@ -142,5 +144,5 @@ def test_batch_norm_recalibration_is_refused_under_local_privacy():
         RunConfig(
             train={"balance": "none"},
             federation={"batch_norm": "recalibrate"},
-            privacy={"mode": "local", "target_epsilon": 8.0, "target_delta": 1e-5, "max_grad_norm": 1.0},
+            privacy=LOCAL_DP,
         )
