@@ -1,4 +1,4 @@
-"""Site answers to the server's questions: calibration likelihoods, soft confusion and BatchNorm statistics of a global model, class counts."""
+"""Site answers to the server's questions: calibration likelihoods, soft confusion, head gradients and BatchNorm statistics of a global model, class counts."""
 
 from __future__ import annotations
 
@@ -10,16 +10,23 @@ from shared.batch_norm import measure_batch_norm_statistics
 from shared.calibration import TEMPERATURES, summed_negative_log_likelihoods
 from shared.local_training import logits_on_images, precision_for
 from shared.config import RoundInstructions
+from shared.errors import ConfigError
+from shared.head_refit import site_head_gradient
 from shared.prior_correction import soft_confusion
 from shared.protocol import (
     BATCH_NORM_ACTION,
     CALIBRATE_ACTION,
     CLASS_COUNTS_ACTION,
     CLASS_COUNTS_KEY,
+    HEAD_GRADIENT_ACTION,
+    HEAD_GRADIENT_RECORD,
+    HEAD_IMAGE_WEIGHT_KEY,
+    HEAD_LOSS_KEY,
     INSTRUCTIONS_KEY,
     NEGATIVE_LOG_LIKELIHOODS_KEY,
     PRIOR_ACTION,
     SOFT_CONFUSION_KEY,
+    VALIDATION_CONFUSION_KEY,
 )
 
 
@@ -42,7 +49,7 @@ def _reply(message: Message, site, metrics: dict, **arrays: ArrayRecord) -> Mess
 
 
 def register_model_queries(app: ClientApp, source) -> None:
-    """Add the calibration, prior-correction, BatchNorm-statistics and class-count query handlers to `app`."""
+    """Add the calibration, prior-correction, head-refit, BatchNorm-statistics and class-count query handlers to `app`."""
 
     @app.query(CALIBRATE_ACTION)
     def calibrate(message: Message, context: Context) -> Message:
@@ -55,6 +62,27 @@ def register_model_queries(app: ClientApp, source) -> None:
         run, site, count, scored = _validation_logits(message, context, source)
         sums = soft_confusion(*scored).ravel().tolist() if scored is not None else [0.0] * len(run.classes) ** 2
         return _reply(message, site, {"num-examples": count, SOFT_CONFUSION_KEY: sums})
+
+    @app.query(HEAD_GRADIENT_ACTION)
+    def head_gradient(message: Message, context: Context) -> Message:
+        received = receive(message, context, source)
+        instructions, run, site, device, model, _ = received.unpack()
+        if run.privacy.mode != "off":
+            raise ConfigError("a head-refit gradient is not accounted by the privacy budget; this site sends none in a private run")
+        train_images, _ = round_training_images(received, source, context)
+        answer = site_head_gradient(
+            model, train_images, site.images.select("val"), instructions.federation_class_counts,
+            device=device, precision=precision_for(model, run.train, device, run.preprocess.image_size),
+            cache_dir=source.feature_cache_dir(context),
+        )
+        return _reply(
+            message, site,
+            {
+                "num-examples": len(train_images), HEAD_LOSS_KEY: answer.loss, HEAD_IMAGE_WEIGHT_KEY: answer.image_weight,
+                VALIDATION_CONFUSION_KEY: answer.validation_confusion,
+            },
+            **{HEAD_GRADIENT_RECORD: ArrayRecord({name: Array(value) for name, value in answer.gradient.items()})},
+        )
 
     @app.query(BATCH_NORM_ACTION)
     def batch_norm_statistics(message: Message, context: Context) -> Message:

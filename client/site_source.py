@@ -15,10 +15,13 @@ from shared.data.readers import read_dataset
 from shared.device import configure_cpu_threads
 from shared.errors import ConfigError
 from shared.site_data import load_table_csv, prepare_site_images
+from shared.site_names import safe_site_name
 
 DEFAULT_CACHE_ROOT = Path.home() / ".cache" / "skin-fl" / "images"
 DEFAULT_PRIVACY_ROOT = Path.home() / ".local" / "state" / "skin-fl" / "privacy"
 """Where a site keeps its DP-SGD privacy ledgers unless the node config names `privacy-dir`."""
+FEATURES_FOLDER = "_frozen-features"
+"""Folder of cached frozen-network features inside a cache root (no site's cache folder name starts with '_')."""
 
 
 @dataclass
@@ -92,6 +95,10 @@ class NodeConfigSite:
             memo=self._feedback,
         )
 
+    def feature_cache_dir(self, context: Context) -> Path:
+        """Where the site keeps features of its images under a frozen network: `features` in its image cache folder."""
+        return Path(str(context.node_config.get("cache-dir", DEFAULT_CACHE_ROOT))) / FEATURES_FOLDER
+
     def privacy_state_dir(self, context: Context) -> Path:
         """The site-local folder of its privacy ledgers: node config `privacy-dir`, else DEFAULT_PRIVACY_ROOT."""
         return Path(str(context.node_config.get("privacy-dir", DEFAULT_PRIVACY_ROOT))).expanduser()
@@ -134,6 +141,12 @@ class SimulationSites:
             self._loaded[key], entry.get("feedback_store"), run_id=context.run_id, run=run,
             cache_root=Path(manifest["cache_root"]), skip_bad=False, memo=self._feedback,
         )
+
+    def feature_cache_dir(self, context: Context) -> Path:
+        """Where the virtual sites keep features of their images under a frozen network (one folder per site)."""
+        manifest = json.loads(Path(self.manifest_path).read_text())
+        partition = int(context.node_config["partition-id"])
+        return Path(manifest["cache_root"]) / FEATURES_FOLDER / safe_site_name(manifest["sites"][partition]["name"])
 
     def privacy_state_dir(self, context: Context) -> Path:
         """The virtual sites' privacy ledgers: beside the manifest, in the simulation's run folder."""

@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.calibration import calibrate_handed_on_model
+from server.head_refit import refit_classification_layer
 from server.prior_correction import correct_class_prior
 from server.checkpoint import CheckpointWriter
 from server.gan_phase import feature_classifier_for, run_gan_phase
@@ -104,6 +105,9 @@ def run_federation(
             history.save()
             selection["selected_round"] = selected
             logger.info("skin-fl hands on round %d's model (best validation balanced accuracy over the sites)", selected)
+    if run.head_refit_steps():
+        final_arrays, refit = refit_classification_layer(grid, run, final_arrays, model)
+        selection["head_refit"] = refit
     if run.federation.calibrate:
         final_arrays, temperature = calibrate_handed_on_model(grid, run, final_arrays, model)
         selection["temperature"] = temperature

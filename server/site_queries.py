@@ -33,12 +33,13 @@ def ask_sites(
     purpose: str,
     arrays: ArrayRecord | None = None,
     nodes: Iterable[int] | None = None,
+    federation_class_counts: list[int] | None = None,
 ) -> list[SiteAnswer]:
     """Send `message_type` with the round's instructions (and `arrays`) to `nodes` (default: every connected site).
 
     Sites that fail or do not answer in the round timeout are logged under `purpose` and left out.
     """
-    instructions = RoundInstructions.for_round(run, server_round)
+    instructions = RoundInstructions.for_round(run, server_round, federation_class_counts)
     records = {"config": ConfigRecord({INSTRUCTIONS_KEY: instructions.model_dump_json()})}
     if arrays is not None:
         records["arrays"] = arrays

@@ -178,6 +178,15 @@ class FederationConfig(StrictModel):
         "validation splits with every class weighted equally, the mean prediction is uniform (the sites send "
         "summed probabilities per true class only); it raises the recall of the classes few sites hold.",
     )
+    head_refit_steps: int | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="Refit the handed-on model's classification layer over the sites' training features, class-balanced "
+        "over the federation, in this many server steps (each one query; the sites send summed gradients of the layer "
+        "and validation confusion counts; the step with the best validation balanced accuracy is kept). 0: off. "
+        "None: 30 in runs without privacy, off in private runs (the gradients are not accounted).",
+    )
     batch_norm: Literal["average", "recalibrate"] = Field(
         "average",
         description="BatchNorm statistics of the global model: the average of the sites' statistics after local "
@@ -514,6 +523,23 @@ class RunConfig(StrictModel):
             raise ValueError("train.proximal_mu is set but the strategy is not fedprox; use federation.proximal_mu with strategy fedprox")
         return self
 
+    def head_refit_steps(self) -> int:
+        """Queries of the classification layer's refit this run takes: the setting, else 30 without privacy, 0 with."""
+        from shared.head_refit import HEAD_REFIT_STEPS
+
+        if self.federation.head_refit_steps is not None:
+            return self.federation.head_refit_steps
+        return HEAD_REFIT_STEPS if self.privacy.mode == "off" else 0
+
+    @model_validator(mode="after")
+    def _head_refit_fits_the_privacy(self) -> RunConfig:
+        if (self.federation.head_refit_steps or 0) > 0 and self.privacy.mode != "off":
+            raise ValueError(
+                f"the head refit's gradients leave the sites outside the privacy budget (privacy.mode "
+                f"{self.privacy.mode!r}); set federation.head_refit_steps 0 or leave it unset in a private run"
+            )
+        return self
+
     @model_validator(mode="after")
     def _privacy_fits_the_run(self) -> RunConfig:
         if not self.privacy.local:
@@ -572,6 +598,7 @@ FLOWER_RUN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "batch-norm": ("federation", "batch_norm"),
     "calibrate": ("federation", "calibrate"),
     "prior-correction": ("federation", "prior_correction"),
+    "head-refit-steps": ("federation", "head_refit_steps"),
     "model": ("model", "name"),
     "pretrained": ("model", "pretrained"),
     "image-size": ("preprocess", "image_size"),
@@ -631,7 +658,7 @@ FLOWER_RUN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
 _UNSET_NUMBER = 0
 """Flower config values cannot be None: 0 means 'off' for the optional numeric keys."""
 _WHOLE_NETWORK = -1
-"""`privacy-trainable-stages` value for training every layer (None in `PrivacyConfig`)."""
+"""`privacy-trainable-stages` value for training every layer (None in `PrivacyConfig`); for `head-refit-steps`, the automatic choice."""
 _PRIVACY_NUMBER_KEYS = ("privacy-target-epsilon", "privacy-target-delta", "privacy-noise-multiplier", "privacy-max-grad-norm")
 
 
@@ -643,7 +670,7 @@ def flower_value_to_setting(key: str, value):
         return None
     if key in ("gan-generator", "gan-feature-classifier") and value == "":
         return None
-    if key == "privacy-trainable-stages" and value == _WHOLE_NETWORK:
+    if key in ("privacy-trainable-stages", "head-refit-steps") and value == _WHOLE_NETWORK:
         return None
     if (key == "privacy-recipe" and value == "") or (key == "privacy-head-batch-size" and value == _UNSET_NUMBER):
         return None

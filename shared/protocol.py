@@ -30,6 +30,15 @@ CLASS_COUNTS_ACTION = "class_counts"
 CLASS_COUNTS_MESSAGE = f"query.{CLASS_COUNTS_ACTION}"
 CLASS_COUNTS_KEY = "class-counts"
 """Class-count reply key: the site's training images per class, in the run's class order."""
+HEAD_GRADIENT_ACTION = "head_gradient"
+"""Query action: the class-balanced loss gradient of the sent classification layer over the site's training features."""
+HEAD_GRADIENT_MESSAGE = f"query.{HEAD_GRADIENT_ACTION}"
+HEAD_GRADIENT_RECORD = "head-gradient"
+"""Head-refit reply array record: the summed gradient, named and shaped like the classification layer."""
+HEAD_LOSS_KEY = "head-loss"
+"""Head-refit reply key: the site's summed class-weighted cross-entropy of its training images at the sent layer."""
+HEAD_IMAGE_WEIGHT_KEY = "head-image-weight"
+"""Head-refit reply key: the site's summed per-image loss weights (the server normalises the summed gradient by it)."""
 FINAL_REPORT_KEY = "final-report"
 """Config flag of the last evaluate message: evaluate, write the local report, reply with aggregates only."""
 GAN_TRAIN_ACTION = "gan"
@@ -113,6 +122,13 @@ REPLY_ALLOW_LISTS: dict[str, ReplyAllowList] = {
         metrics=frozenset({"num-examples"}),
         non_private_metrics=frozenset({CLASS_COUNTS_KEY}),
         list_metrics=frozenset({CLASS_COUNTS_KEY}),
+    ),
+    # Never asked in runs with local DP (the gradient is not accounted); the site refuses it there.
+    HEAD_GRADIENT_MESSAGE: ReplyAllowList(
+        metrics=frozenset({"num-examples"}),
+        non_private_metrics=frozenset({HEAD_LOSS_KEY, HEAD_IMAGE_WEIGHT_KEY, VALIDATION_CONFUSION_KEY}),
+        list_metrics=frozenset({VALIDATION_CONFUSION_KEY}),
+        array_records=frozenset({HEAD_GRADIENT_RECORD}),
     ),
     # Synthesis sends totals only: per-class counts (real or added) and the nearest-neighbour
     # thresholds of the real images stay in the site's own selection report. The rejection counts

@@ -9,6 +9,7 @@ the pooled, lesion-disjoint test split.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +33,9 @@ from shared.local_training import (
     site_round_seed,
     train_on_images,
 )
+from shared.head_refit import FederationGradient, head_parameter_names, refit_head, set_head, site_head_gradient
 from shared.metrics import classification_metrics
+from shared.models.frozen_features import frozen_features
 from shared.models.classifier import build_classifier
 from shared.prior_correction import PRIOR_STEPS, offset_step, soft_confusion
 from shared.personalisation import personalise
@@ -128,7 +131,27 @@ class ArmContext:
         }
 
     def calibration(self, model: nn.Module) -> dict:
-        """Temperature and class-prior offsets fitted on the pooled validation split (as a run fits them); test figures before and after."""
+        """The handed-on model's post-hoc steps as a run takes them, each fitted on the pooled validation split.
+
+        Temperature and class-prior offsets of the model as trained (test figures before and after),
+        and, with `federation.head_refit_steps`, the same after the classification layer's refit
+        (`head_refit`: whether the refitted layer was kept, validation and test balanced accuracy at every query, the
+        refitted model's test figures and those after its own temperature and prior correction:
+        what the run hands on).
+        """
+        figures = self._temperature_and_prior(model)
+        if self.run.head_refit_steps():
+            refitted, refit = self._head_refitted(model)
+            after = self._temperature_and_prior(refitted)
+            figures["head_refit"] = {
+                **refit,
+                "prior_offsets": after["prior_offsets"],
+                "prior_corrected": after["prior_corrected"],
+            }
+        return figures
+
+    def _temperature_and_prior(self, model: nn.Module) -> dict:
+        """Temperature and class-prior offsets fitted on the pooled validation split; test figures before and after."""
         precision = precision_for(model, self.run.train, self.device, self.run.preprocess.image_size)
         batch = self.run.train.batch_size * 2
         val_logits, val_labels = logits_on_images(model, self.pooled_val, batch_size=batch, device=self.device, precision=precision)
@@ -149,6 +172,52 @@ class ArmContext:
             "prior_offsets": [float(value) for value in offsets],
             "prior_corrected": by_steps[-1],
             "prior_corrected_by_steps": by_steps,
+        }
+
+    def _head_refitted(self, model: nn.Module) -> tuple[nn.Module, dict]:
+        """A copy of `model` with its classification layer refitted as a run's sites and server refit it, and the refit's figures.
+
+        The sum of the sites' gradients is computed site by site (shared.head_refit.site_head_gradient,
+        the sites' own call); test figures of every step are recorded beside the validation ones.
+        """
+        precision = precision_for(model, self.run.train, self.device, self.run.preprocess.image_size)
+        weight_name, bias_name = head_parameter_names(model)
+        refitted = copy.deepcopy(model)
+        test_features = frozen_features(model, self.pooled_test, device=self.device, precision=precision)
+        test_labels = np.asarray(self.pooled_test.labels)
+        test_by_query = []
+
+        def gradient_at(weight: np.ndarray, bias: np.ndarray) -> FederationGradient:
+            set_head(refitted, weight, bias)
+            answers = [
+                site_head_gradient(
+                    refitted, images.select("train"), images.select("val"), self.federation_class_counts,
+                    device=self.device, precision=precision,
+                )
+                for images in self.sites.values()
+            ]
+            logits = test_features.double() @ torch.as_tensor(weight, dtype=torch.float64).T + torch.as_tensor(bias, dtype=torch.float64)
+            test = classification_metrics(test_labels, logits.softmax(dim=1).numpy(), self.run.classes)
+            test_by_query.append(test["balanced_accuracy"])
+            return FederationGradient(
+                sum(answer.loss for answer in answers),
+                sum(answer.gradient[weight_name].astype(np.float64) for answer in answers),
+                sum(answer.gradient[bias_name].astype(np.float64) for answer in answers),
+                sum(answer.image_weight for answer in answers),
+                np.sum([np.reshape(answer.validation_confusion, (len(self.run.classes),) * 2) for answer in answers], axis=0),
+            )
+
+        base = model_to_arrays(model)
+        result = refit_head(base[weight_name], base[bias_name], gradient_at, steps=self.run.head_refit_steps())
+        set_head(refitted, result.weight, result.bias)
+        refitted_test = evaluate_on_images(
+            refitted, self.pooled_test, batch_size=self.run.train.batch_size * 2, device=self.device, precision=precision
+        )
+        return refitted, {
+            "refitted": result.refitted,
+            "val_balanced_accuracy_by_query": result.validation_balanced_accuracy,
+            "test_balanced_accuracy_by_query": test_by_query,
+            "refitted_test": {name: refitted_test[name] for name in REPORTED_METRICS},
         }
 
     def per_site_test(self, model: nn.Module, only: str | None = None) -> dict[str, dict]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from shared.config import DEFAULT_MODEL, FederationConfig, ModelConfig, PreprocessConfig, ReportConfig, RunConfig, TrainConfig
 from shared.errors import SkinFLError
+from shared.head_refit import HEAD_REFIT_STEPS
 from simulation.arms import ARMS
 from simulation.bench_table import write_table
 from shared.version import add_version_option
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-momentum", type=float, default=federation.server_momentum)
     parser.add_argument("--batch-norm", choices=["average", "recalibrate"], default=federation.batch_norm, help="BatchNorm statistics of the global model")
     parser.add_argument(
+        "--head-refit-steps", type=int, default=HEAD_REFIT_STEPS,
+        help="steps of the classification layer's refit a run takes before calibration (0: none; the table shows both)",
+    )
+    parser.add_argument(
         "--personalise-epochs", type=float, default=1.0, help="passes of each site's fine-tune in the personalised arm"
     )
     parser.add_argument("--personalise-lr", type=float, default=ReportConfig().personalise_learning_rate)
@@ -97,6 +102,7 @@ def bench_run_config(args: argparse.Namespace, classes: list[str], seed: int) ->
                 server_learning_rate=args.server_lr,
                 server_momentum=args.server_momentum,
                 batch_norm=args.batch_norm,
+                head_refit_steps=args.head_refit_steps,
                 min_sites=1,
             ),
             report=ReportConfig(personalise_epochs=args.personalise_epochs, personalise_learning_rate=args.personalise_lr),

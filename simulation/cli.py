@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="hand on the model without balancing its class prior on the sites' validation splits",
     )
+    model.add_argument(
+        "--head-refit-steps",
+        type=int,
+        help="refit the handed-on model's classification layer over the sites' features in this many steps "
+        "(default: 30 without privacy, 0 = off; private runs allow only 0)",
+    )
     model.add_argument("--fraction-train", type=float, default=1.0, help="fraction of sites that train each round")
     model.add_argument(
         "--balance",
@@ -180,6 +186,7 @@ def run_config_from_args(args: argparse.Namespace, classes: list[str], device_im
                 early_stopping_patience=args.early_stopping_patience,
                 batch_norm=args.batch_norm,
                 prior_correction=args.prior_correction,
+                head_refit_steps=args.head_refit_steps,
                 fraction_train=args.fraction_train,
                 min_sites=1,
             ),

@@ -22,6 +22,7 @@ KEY_TO_OPTION = {
     "early-stopping-patience": "early_stopping_patience",
     "batch-norm": "batch_norm",
     "prior-correction": "prior_correction",
+    "head-refit-steps": "head_refit_steps",
     "model": "model",
     "pretrained": "pretrained",
     "image-size": "image_size",

@@ -57,7 +57,7 @@ def _compute_features(args, site_images: dict, classes: list[str]) -> None:
     from shared.data.cache import concatenate
     from shared.local_training import precision_for
     from shared.models.classifier import build_classifier
-    from shared.privacy.frozen_features import frozen_features
+    from shared.models.frozen_features import frozen_features
     from shared.privacy.model_preparation import prepare_for_private_training
 
     run = _run_config(args, classes, 8.0, 0)
@@ -82,7 +82,7 @@ def run_cell(args, site_images: dict, classes: list[str], epsilon: float | None,
     from shared.metrics import classification_metrics
     from shared.models.classifier import build_classifier
     from shared.privacy.accounting import PrivacyLedger
-    from shared.privacy.frozen_features import frozen_features
+    from shared.models.frozen_features import frozen_features
     from shared.privacy.model_preparation import prepare_for_private_training
     from shared.privacy.training import train_privately
 

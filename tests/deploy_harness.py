@@ -26,8 +26,10 @@ FAST_RUN_CONFIG = {
     "batch-size": 8,
     "max-steps-per-epoch": 2,
     "amp": "off",
+    "head-refit-steps": 0,
 }
-"""A run that exercises every part of a round in seconds: tiny images, random init, two steps per epoch."""
+"""A run that exercises every part of a round in seconds: tiny images, random init, two steps per epoch (and no
+refit of the classification layer, whose queries the TLS run proves)."""
 
 
 def free_port() -> int:

@@ -49,6 +49,9 @@ def test_gpu_script_writes_cells_and_table_then_the_bench_skips_finished_cells(t
     assert set(cell["per_site"]) == {"demo_clinic_1", "demo_clinic_2", "demo_clinic_3"}
     assert cell["calibration"]["temperature"] > 0
     assert len(cell["calibration"]["prior_offsets"]) == 7 and cell["calibration"]["prior_corrected"]["balanced_accuracy"] >= 0
+    refit = cell["calibration"]["head_refit"]
+    assert len(refit["val_balanced_accuracy_by_query"]) == len(refit["test_balanced_accuracy_by_query"]) >= 2
+    assert 0 <= refit["prior_corrected"]["balanced_accuracy"] <= 1 and "macro_auc" in refit["refitted_test"]
     table = (out / "table.md").read_text()
     assert "| pooled | 1 |" in table and "| fedavg | 1 |" in table
     assert (out / "table.png").stat().st_size > 0 and (out / "table.csv").exists()

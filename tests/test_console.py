@@ -100,7 +100,7 @@ def test_skin_fl_sim_prints_only_its_own_lines_one_per_round_and_writes_tensorbo
     result = subprocess.run(
         [
             sys.executable, "-m", "simulation.cli", "--demo-images", "90", "--rounds", "2", "--image-size", "32",
-            "--batch-size", "16", "--max-steps-per-epoch", "2", "--tensorboard",
+            "--batch-size", "16", "--max-steps-per-epoch", "2", "--tensorboard", "--head-refit-steps", "2",
             "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
         ],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=environment,
@@ -119,6 +119,7 @@ def test_skin_fl_sim_prints_only_its_own_lines_one_per_round_and_writes_tensorbo
     rounds = [ROUND_LINE.match(line) for line in lines if line.startswith("round ")]
     assert [(match.group(1), match.group(2)) for match in rounds] == [("1", "2"), ("2", "2")], output
     assert "overall" in result.stdout and "skin-fl hands on round" in result.stdout
+    assert "the classification layer" in result.stdout  # the refit says what it did
 
     (run_folder,) = (tmp_path / "runs").iterdir()
     history = json.loads((run_folder / "history.json").read_text())["rounds"]

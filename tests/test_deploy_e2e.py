@@ -12,14 +12,16 @@ from deploy_harness import FAST_RUN_CONFIG, Deployment, free_port, read_json
 from server.certs import init_credentials
 from server.run_config_file import app_directory
 from server.deployment import StateLayout, _alive, descendants, run_flower_cli, write_flower_cli_config
+from shared.models.classifier import load_classifier
 
 pytestmark = pytest.mark.slow
 
 RUN_TIMEOUT_S = 420
 """A cap for a shared, loaded machine; on an idle 2-core machine the run takes about a minute."""
-ONE_ROUND_RUN = {**FAST_RUN_CONFIG, "num-server-rounds": 1}
-"""One round proves a run over TLS with node authentication completes at both sites; two rounds over the
-real deployment (and a resume between them) are the resilience test's."""
+ONE_ROUND_RUN = {**FAST_RUN_CONFIG, "num-server-rounds": 1, "head-refit-steps": 1}
+"""One round proves a run over TLS with node authentication completes at both sites (and the classification
+layer's refit, in its shortest form, that the sites answer its queries from their own feature caches); two
+rounds over the real deployment (and a resume between them) are the resilience test's."""
 PROTOBUF = {"Content-Type": "application/protobuf"}
 
 
@@ -83,6 +85,10 @@ def test_two_site_run_over_tls_with_node_auth_finishes_with_per_site_metrics(dep
         rows = list(csv.DictReader(handle))
     assert sorted({row["site"] for row in rows}) == ["Alpha Clinic", "beta"]
     assert (folder / "final_model.pt").is_file()
+    _, saved = load_classifier(folder / "final_model.pt")
+    assert len(saved.metadata["head_refit"]["validation_balanced_accuracy"]) >= 2, "the sites answered the refit's queries"
+    for site in deployment.sites:
+        assert list((site.cache_dir / "_frozen-features").glob("*.pt")), f"{site.name} keeps its features for the next query"
     # The sites' data differ, so their local results differ.
     first = rounds[0]["sites"]
     assert first["Alpha Clinic"]["train"]["train-loss"] != first["beta"]["train"]["train-loss"]

@@ -42,7 +42,7 @@ def test_a_corrected_case_joins_its_sites_training_in_the_next_round(tmp_path):
         model=ModelConfig(name="resnet18", pretrained="none"),
         preprocess=PreprocessConfig(image_size=32),
         train=TrainConfig(batch_size=8, max_steps_per_epoch=2, amp="off", device="cpu", progress=False),
-        federation=FederationConfig(rounds=1, min_sites=1),
+        federation=FederationConfig(rounds=1, min_sites=1, head_refit_steps=0),
     )
     run_folder = new_run_folder(tmp_path / "runs", "feedback")
     simulated = prepare_simulated_sites(

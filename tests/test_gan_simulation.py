@@ -19,7 +19,7 @@ def test_gan_round_then_augmented_classifier_round_on_demo_sites(tmp_path):
             sys.executable, "-m", "simulation.cli",
             "--demo-images", "150", "--rounds", "1", "--image-size", "32", "--batch-size", "16", "--max-steps-per-epoch", "2",
             "--gan-rounds", "1", "--gan-image-size", "32", "--gan-channels", "8", "--gan-local-steps", "2",
-            "--gan-batch-size", "8", "--gan-augment", "--gan-target", "ratio", "--gan-target-ratio", "0.5",
+            "--gan-batch-size", "8", "--gan-augment", "--gan-target", "ratio", "--gan-target-ratio", "0.5", "--head-refit-steps", "2",
             "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
         ],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,

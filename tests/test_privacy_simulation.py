@@ -15,6 +15,7 @@ from flwr.common.serde import recorddict_to_proto
 
 from shared.calibration import TEMPERATURES
 from shared.gan.models import build_gan, gan_to_arrays
+from shared.head_refit import head_parameter_names
 from shared.models.classifier import build_classifier, load_classifier
 from shared.privacy.model_preparation import prepare_for_private_training
 from shared.protocol import REPLY_ALLOW_LISTS
@@ -132,7 +133,10 @@ def test_nothing_but_weights_and_allow_listed_aggregates_leaves_a_site(tmp_path,
         model={"name": "tf_efficientnet_lite0", "pretrained": "none"},
         preprocess={"image_size": 32},
         train={"batch_size": 8, "balance": "none" if private else "global", "max_steps_per_epoch": 1, "progress": False},
-        federation={"rounds": 1, "min_sites": len(sites), "calibrate": True, "batch_norm": "average" if private else "recalibrate"},
+        federation={
+            "rounds": 1, "min_sites": len(sites), "calibrate": True, "batch_norm": "average" if private else "recalibrate",
+            **({} if private else {"head_refit_steps": 2}),
+        },
         privacy={"mode": "local", "target_epsilon": 8.0, "noise_multiplier": 1.0, "target_delta": 1e-3, "max_grad_norm": 1.0,
          "head_steps_per_round": 1}
         if private
@@ -157,7 +161,7 @@ def test_nothing_but_weights_and_allow_listed_aggregates_leaves_a_site(tmp_path,
     assert all(content is not None for _, content in captured), "a site failed: see the site log above"
     kinds = [kind for kind, _ in captured]
     # A private run may not select synthetic images (that compares them with the real ones outside the budget): no synthesis.
-    not_private_only = {"query.batch_norm", "query.gan_synthesise", "query.class_counts"}
+    not_private_only = {"query.batch_norm", "query.gan_synthesise", "query.class_counts", "query.head_gradient"}
     expected = {"train", "train.gan", "evaluate", "query.calibrate", "query.prior"} | (not_private_only if not private else set())
     assert set(kinds) == expected and all(kinds.count(kind) >= len(sites) for kind in expected), Counter(kinds)
     wire = b"".join(path.read_bytes() for path in sorted(capture_folder.glob("*.pb")))
@@ -204,7 +208,9 @@ def test_nothing_but_weights_and_allow_listed_aggregates_leaves_a_site(tmp_path,
             reference = gan_shapes if kind == "train.gan" else classifier_shapes
             for key, array in record.items():
                 assert tuple(array.shape) == reference[key], (kind, key)
-            if kind != "query.batch_norm":
+            if kind == "query.head_gradient":
+                assert set(record.keys()) == set(head_parameter_names(classifier_reference)), "only the layer's gradient is sent"
+            elif kind != "query.batch_norm":
                 assert set(record.keys()) == set(reference), "only the models' own tensors are sent"
         for record in content.config_records.values():
             assert set(record.keys()) <= allowed.site

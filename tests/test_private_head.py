@@ -10,9 +10,9 @@ from shared.config import PrivacyConfig, RunConfig, run_config_from_flower
 from shared.data.cache import CachedImages
 from shared.errors import ModelError
 from shared.precision import Precision
-from shared.privacy import frozen_features as frozen_features_module
+from shared.models import frozen_features as frozen_features_module
 from shared.privacy.accounting import CLASS_COUNTS_LABEL, PrivacyBudgetExceeded, PrivacyLedger, RoundSchedule, epsilon_of
-from shared.privacy.frozen_features import frozen_features
+from shared.models.frozen_features import frozen_features
 from shared.privacy.head_training import signal_to_noise
 from shared.privacy.model_preparation import prepare_for_private_training
 from shared.privacy.training import train_privately

@@ -18,8 +18,8 @@ from shared.models.classifier import model_normalisation
 from shared.precision import Precision
 from shared.training import logits_and_labels
 
-CACHED_SITES = 8
-"""Feature sets kept in memory (one per site and frozen network): a simulation process holds every site."""
+CACHED_SITES = 16
+"""Feature sets kept in memory and on disk (one per site, split and frozen network): a simulation process holds every site."""
 _cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
 
@@ -65,7 +65,8 @@ def frozen_features(
 
     The frozen part does not change between rounds (nothing trains it and FedAvg of equal weights
     is the same weights), so the features of a site are computed in its first round and reused;
-    with `cache_dir` they are also kept on disk, named by the digests of the weights and images.
+    with `cache_dir` they are also kept on disk, named by the digests of the weights and images (the
+    newest CACHED_SITES files), for sites whose every message runs in a fresh process.
     """
     # Not keyed by precision: features of one network under bf16 or fp32 serve the head alike, and a site
     # whose automatic precision choice changes between rounds keeps its features.
@@ -83,7 +84,15 @@ def frozen_features(
         temporary = stored.with_name(f".{stored.name}.{os.getpid()}.tmp")
         torch.save(features, temporary)
         os.replace(temporary, stored)
+        _keep_newest(stored.parent, CACHED_SITES)
     return features
+
+
+def _keep_newest(folder: Path, count: int) -> None:
+    """Delete all but the `count` most recently written feature files of `folder` (each network's features are used for one run)."""
+    stored = sorted(folder.glob("*.pt"), key=lambda path: path.stat().st_mtime, reverse=True)
+    for path in stored[count:]:
+        path.unlink(missing_ok=True)
 
 
 def _compute(model: nn.Module, images: CachedImages, *, device: torch.device, precision: Precision, batch_size: int) -> torch.Tensor:

@@ -1,0 +1,94 @@
+"""Federated refit of the handed-on model's classification layer: the server steps, the sites send summed gradients."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp import Grid
+from torch import nn
+
+from server.checkpoint import array_record_to_numpy
+from server.class_census import take_class_census
+from server.site_queries import ask_sites
+from shared.config import RunConfig
+from shared.head_refit import FederationGradient, head_parameter_names, refit_head
+from shared.protocol import HEAD_GRADIENT_MESSAGE, HEAD_GRADIENT_RECORD, HEAD_IMAGE_WEIGHT_KEY, HEAD_LOSS_KEY, VALIDATION_CONFUSION_KEY
+
+logger = logging.getLogger(__name__)
+
+
+class _NoSiteAnswered(Exception):
+    """A refit step got no usable answer."""
+
+
+def refit_classification_layer(grid: Grid, run: RunConfig, arrays: ArrayRecord, model: nn.Module) -> tuple[ArrayRecord, dict | None]:
+    """The arrays with the refitted classification layer, and what the refit did (None when no site could answer).
+
+    First the class census (the loss weighs every class equally over the federation), then about
+    `run.head_refit_steps()` + 1 queries of the sites (shared.head_refit).
+    """
+    weight_name, bias_name = head_parameter_names(model)
+    base = array_record_to_numpy(arrays)
+    num_classes = len(run.classes)
+    server_round = run.federation.rounds
+    counts = take_class_census(grid, run, server_round=server_round, min_sites=1)
+    answered: list[int] = []
+
+    def gradient_at(weight: np.ndarray, bias: np.ndarray) -> FederationGradient:
+        current = ArrayRecord({name: Array(value) for name, value in {**base, weight_name: weight, bias_name: bias}.items()})
+        answers = ask_sites(
+            grid, run, HEAD_GRADIENT_MESSAGE, server_round=server_round, purpose="head refit", arrays=current,
+            federation_class_counts=counts,
+        )
+        weight_gradient, bias_gradient = np.zeros(weight.shape), np.zeros(bias.shape)
+        loss, image_weight, confusion = 0.0, 0.0, np.zeros((num_classes, num_classes), dtype=np.int64)
+        for answer in answers:
+            gradient = array_record_to_numpy(answer.content[HEAD_GRADIENT_RECORD])
+            site_confusion = np.asarray(answer.metrics[VALIDATION_CONFUSION_KEY], dtype=np.int64)
+            if set(gradient) != {weight_name, bias_name} or site_confusion.size != num_classes**2:
+                logger.warning("head refit: node %s sent a gradient or confusion of the wrong shape; left out", answer.node)
+                continue
+            weight_gradient += gradient[weight_name]
+            bias_gradient += gradient[bias_name]
+            loss += float(answer.metrics[HEAD_LOSS_KEY])
+            image_weight += float(answer.metrics[HEAD_IMAGE_WEIGHT_KEY])
+            confusion += site_confusion.reshape(num_classes, num_classes)
+        if image_weight <= 0:
+            raise _NoSiteAnswered
+        answered.append(len(answers))
+        return FederationGradient(loss, weight_gradient, bias_gradient, image_weight, confusion)
+
+    if not any(counts):
+        logger.warning("head refit: the sites hold no training images of the run's classes; the layer stays as trained")
+        return arrays, None
+    started = time.monotonic()
+    try:
+        result = refit_head(base[weight_name], base[bias_name], gradient_at, steps=run.head_refit_steps())
+    except _NoSiteAnswered:
+        logger.warning("head refit: no site sent a usable gradient at query %d; the layer stays as trained", len(answered) + 1)
+        return arrays, None
+    scores = result.validation_balanced_accuracy
+    if result.refitted:
+        logger.info(
+            "skin-fl refitted the classification layer over the sites' features in %d queries, %.0f s (validation "
+            "balanced accuracy %s -> %s, %d site(s))",
+            len(scores), time.monotonic() - started, _figure(scores[0]), _figure(scores[-1]), min(answered),
+        )
+    else:
+        logger.info(
+            "skin-fl kept the classification layer as trained: its refit (%d queries, %.0f s) scored %s on the sites' "
+            "validation images, below the trained layer's %s",
+            len(scores), time.monotonic() - started, _figure(scores[-1]), _figure(scores[0]),
+        )
+    handed_on = {**base, weight_name: result.weight, bias_name: result.bias}
+    return ArrayRecord({name: Array(value) for name, value in handed_on.items()}), {
+        "refitted": result.refitted,
+        "validation_balanced_accuracy": scores,
+    }
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
