@@ -30,6 +30,7 @@ from server.run_config_file import RESUME_KEY
 from server.strategy import build_strategy
 from shared.config import RunConfig, run_config_from_flower
 from shared.console import configure_console
+from shared.head_refit import head_parameter_names
 from shared.local_training import seed_everything
 from shared.models.classifier import build_classifier
 from shared.privacy.model_preparation import prepare_for_private_training
@@ -71,6 +72,8 @@ def run_federation(
     model = build_classifier(run.model, num_classes=len(run.classes))
     if run.privacy.mode != "off":
         prepare_for_private_training(model, run.privacy.prepared_stages)
+    if run.head_refit_steps():
+        head_parameter_names(model)  # a model the refit cannot take is refused before training, not after it
     history = MetricHistory(run_folder) if resume is None else restore_history(resume)
     if run.gan.active and gan_phase_needed(resume):
         run_gan_phase(grid, run, run_folder, feature_classifier_for(run, model), num_sites=num_sites)

@@ -14,6 +14,7 @@ from server.checkpoint import array_record_to_numpy
 from server.class_census import take_class_census
 from server.site_queries import ask_sites
 from shared.config import RunConfig
+from shared.errors import ConfigError
 from shared.head_refit import FederationGradient, head_parameter_names, refit_head
 from shared.protocol import HEAD_GRADIENT_MESSAGE, HEAD_GRADIENT_RECORD, HEAD_IMAGE_WEIGHT_KEY, HEAD_LOSS_KEY, VALIDATION_CONFUSION_KEY
 
@@ -34,7 +35,11 @@ def refit_classification_layer(grid: Grid, run: RunConfig, arrays: ArrayRecord, 
     base = array_record_to_numpy(arrays)
     num_classes = len(run.classes)
     server_round = run.federation.rounds
-    counts = take_class_census(grid, run, server_round=server_round, min_sites=1)
+    try:
+        counts = take_class_census(grid, run, server_round=server_round, min_sites=1)
+    except ConfigError:
+        logger.warning("head refit: no site answered the class census; the layer stays as trained")
+        return arrays, None
     answered: list[int] = []
 
     def gradient_at(weight: np.ndarray, bias: np.ndarray) -> FederationGradient:

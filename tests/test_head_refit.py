@@ -15,7 +15,7 @@ from shared.head_refit import (
     refit_head,
     summed_head_gradient,
 )
-from fake_grid import site_reply, use_plain_messages
+from fake_grid import error_reply, site_reply, use_plain_messages
 
 CLASSES = ["a", "b", "c"]
 
@@ -230,6 +230,30 @@ def test_the_server_takes_the_census_then_queries_the_sites_and_hands_on_the_ref
     scores = refit["validation_balanced_accuracy"]
     assert scores[0] < 0.7 and refit["refitted"] and scores[-1] > 0.9
     assert refitted["classifier.bias"].numpy()[2] > -5.0
+
+
+class _SilentGrid:
+    """Sites that fail every query."""
+
+    def get_node_ids(self):
+        return [1, 2]
+
+    def send_and_receive(self, messages, timeout=None):
+        return [error_reply(message.metadata.dst_node_id, "site error") for message in messages]
+
+
+def test_without_answers_the_run_hands_on_the_layer_as_trained(monkeypatch):
+    from flwr.app import Array, ArrayRecord
+
+    from server.head_refit import refit_classification_layer
+    from shared.config import RunConfig
+    from shared.weights import model_to_arrays
+
+    use_plain_messages(monkeypatch)
+    model = _Classifier()
+    arrays = ArrayRecord({name: Array(value) for name, value in model_to_arrays(model).items()})
+    handed_on, refit = refit_classification_layer(_SilentGrid(), RunConfig(classes=CLASSES), arrays, model)
+    assert handed_on is arrays and refit is None
 
 
 class _HandlerApp:
