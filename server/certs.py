@@ -96,6 +96,25 @@ def add_site(out_dir: Path, site: str, force: bool = False) -> list[WrittenFile]
     return written
 
 
+def remove_site(out_dir: Path, site: str) -> list[Path]:
+    """Delete one site's key pair from the credentials folder; returns the files removed.
+
+    The coordinator keeps accepting the key until `skin-fl-server sync-site-keys` (or its next
+    `start`) unregisters it.
+    """
+    public_key_path = out_dir / SITES_DIR / f"{site_file_stem(site)}.pub"
+    known = [name for name, _ in registered_sites(out_dir)] if (out_dir / SITES_DIR).is_dir() else []
+    if not public_key_path.is_file() or _site_name_from_public_key(public_key_path) != site:
+        raise ConfigError(
+            f"{out_dir} holds no key of site {site!r}; its sites are: {', '.join(repr(name) for name in known) or 'none'}"
+        )
+    removed = [out_dir / path for path in _site_paths(site) if (out_dir / path).exists()]
+    for path in removed:
+        path.unlink()
+    _write_readme(out_dir)
+    return removed
+
+
 def describe_credentials(out_dir: Path, written: Sequence[WrittenFile] = ()) -> str:
     """The listing of every credential file in `out_dir` and the machine it goes to."""
 
@@ -168,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--out", type=Path, required=True, help="the credentials folder made by 'init'")
     add.add_argument("--site", required=True, help="hospital site name")
     add.add_argument("--force", action="store_true", help="replace this site's key pair if it exists")
+    remove = commands.add_parser(
+        "remove-site", help="delete one site's key pair (then 'skin-fl-server sync-site-keys' revokes it at the coordinator)"
+    )
+    remove.add_argument("--out", type=Path, required=True, help="the credentials folder made by 'init'")
+    remove.add_argument("--site", required=True, help="hospital site name, as given to init or add-site")
     return parser
 
 
@@ -177,6 +201,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "init":
             written = init_credentials(args.out, args.server_name, args.site, args.days, args.force)
+        elif args.command == "remove-site":
+            removed = remove_site(args.out, args.site)
+            print(
+                f"removed the key pair of site {args.site!r} ({', '.join(path.name for path in removed)}). A running "
+                f"coordinator accepts the key until it runs: skin-fl-server --state-dir STATE_DIR sync-site-keys "
+                f"--credentials {args.out}   (its next 'start' does the same)"
+            )
+            return 0
         else:
             written = add_site(args.out, args.site, args.force)
     except SkinFLError as error:

@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     stop = commands.add_parser("stop", help="stop a run")
     stop.add_argument("run_id", type=int, metavar="RUN_ID")
 
+    sync = commands.add_parser(
+        "sync-site-keys",
+        help="make the running server accept exactly the site keys in the credentials folder (revokes removed or replaced keys)",
+    )
+    sync.add_argument("--credentials", type=Path, required=True, help="the credentials folder 'start' was given")
+
     nginx_config = commands.add_parser(
         "nginx-config", help="print the nginx config for a system nginx (same template as 'start' uses)"
     )
@@ -117,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _history(args.run, layout)
         if args.command == "stop":
             return _stop(args.run_id, layout)
+        if args.command == "sync-site-keys":
+            return _sync_site_keys(args, layout)
         return _nginx_config(args)
     except SkinFLError as error:
         print(f"skin-fl-server: error: {error}", file=sys.stderr)
@@ -151,6 +159,15 @@ def _start(args: argparse.Namespace, layout: StateLayout) -> int:
         flush=True,
     )
     return coordinator.serve()
+
+
+def _sync_site_keys(args: argparse.Namespace, layout: StateLayout) -> int:
+    from server.site_keys import sync_site_keys
+
+    if not layout.state_file.is_file():
+        raise ConfigError(f"no server state in {layout.root}; give the --state-dir of the running skin-fl-server start")
+    sync_site_keys(layout, check_credentials(args.credentials.expanduser()), say=lambda text: print(text, flush=True))
+    return 0
 
 
 def _interrupt(signal_number, frame) -> None:

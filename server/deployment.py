@@ -429,18 +429,10 @@ class Coordinator:
                  if self.credentials else f"SuperLink on http://{LOOPBACK}:{self.superlink_port} (loopback only, NO TLS)")
 
     def _register_site_keys(self) -> None:
+        from server.site_keys import sync_site_keys
+
         assert self.credentials is not None
-        for site, public_key in self.credentials.site_keys:
-            reply = run_flower_cli(self.layout, ["supernode", "register", str(public_key), CONNECTION_NAME])
-            if reply.get("success"):
-                self.say(f'registered the node key of site "{site}" ({public_key.name}), node id {reply.get("node-id")}')
-            elif "already in use" in flower_error(reply):
-                self.say(f'node key of site "{site}" ({public_key.name}) was already registered')
-            else:
-                raise DeploymentError(
-                    f"could not register the node key of site {site!r} ({public_key}): {flower_error(reply)}. "
-                    f"Check the file is the .pub written by skin-fl-certs."
-                )
+        sync_site_keys(self.layout, self.credentials, self.say)
 
     def _start_nginx(self) -> None:
         listen = f"[{self.public_host}]:{self.public_port}" if ":" in self.public_host else f"{self.public_host}:{self.public_port}"

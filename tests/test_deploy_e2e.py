@@ -177,3 +177,18 @@ def test_public_port_refuses_the_control_and_runtime_apis(deployment):
         outsider, ["run", str(app_directory()), "skin-fl", "--run-config", str(run_config)], timeout=120
     )
     assert reply.get("success") is False, reply
+
+
+def test_a_removed_site_key_is_unregistered_at_the_running_coordinator(deployment):
+    # Last in this module: it revokes a site the tests above use.
+    from server.certs import main as certs_main
+
+    record = read_json(deployment.state_dir / "site_keys.json")
+    beta_id = record["beta"]["node_id"]
+    assert certs_main(["remove-site", "--out", str(deployment.credentials), "--site", "beta"]) == 0
+    synced = deployment.server_cli("sync-site-keys", "--credentials", str(deployment.credentials))
+    assert synced.returncode == 0, synced.stderr
+    assert f'unregistered the node key of site "beta" (node id {beta_id})' in synced.stdout
+    statuses = {int(node["node-id"]): node["status"] for node in run_flower_cli(deployment.layout, ["supernode", "list"])["nodes"]}
+    assert statuses.get(beta_id, "unregistered") == "unregistered", statuses
+    assert statuses[record["Alpha Clinic"]["node_id"]] != "unregistered"
