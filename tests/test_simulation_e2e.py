@@ -33,15 +33,26 @@ def test_three_site_simulation_writes_the_run_folder_and_scores_an_unseen_folder
     model, saved = load_classifier(run_folder / "final_model.pt")
     assert saved.classes == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
     assert saved.preprocess.image_size == 64
-    # The handed-on model is the best round on the sites' validation splits, temperature-scaled on them.
+    # The handed-on model is the best round on the sites' validation splits, its classification layer refitted
+    # over the sites' features (unless that scored lower on their validation images), temperature-scaled on them.
     document = json.loads((run_folder / "history.json").read_text())
     best = max(history, key=lambda entry: (entry["evaluate"]["val-balanced-accuracy"], entry["round"]))["round"]
     assert document["selected_round"] == best == saved.metadata["selected_round"]
     temperature = saved.metadata["temperature"]
     assert 0.25 <= temperature <= 8.0
     selected, _ = load_classifier(run_folder / "checkpoints" / f"round_{best:03d}.pt")
-    assert torch.allclose(model.get_classifier().weight, selected.get_classifier().weight / temperature, atol=1e-6)
-    assert torch.equal(model.conv_stem.weight, selected.conv_stem.weight)
+    refit = saved.metadata["head_refit"]
+    scores = refit["validation_balanced_accuracy"]
+    assert len(scores) >= 2
+    as_trained = torch.allclose(model.get_classifier().weight, selected.get_classifier().weight / temperature, atol=1e-6)
+    assert as_trained is not refit["refitted"]
+    if refit["refitted"]:
+        assert scores[-1] >= scores[0]
+    head = {id(parameter) for parameter in model.get_classifier().parameters()}
+    handed_on, chosen = model.state_dict(keep_vars=True), selected.state_dict()
+    for name, tensor in handed_on.items():
+        if id(tensor) not in head:
+            assert torch.equal(tensor, chosen[name]), f"{name} is not the selected round's"
     assert demo_simulation.ray_after <= demo_simulation.ray_before, "skin-fl-sim left Ray processes running"
 
     unseen = write_demo_dataset(tmp_path / "unseen", format="folder", num_images=60, seed=7)
