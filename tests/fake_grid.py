@@ -1,6 +1,22 @@
-"""Stand-ins for the server's grid in unit tests: query messages without a Flower run, and site replies from content."""
+"""Stand-ins for the server's side of a query in unit tests: messages without a Flower run, site replies, a model over given features."""
 
 from types import SimpleNamespace
+
+from torch import nn
+
+
+class FeatureClassifier(nn.Module):
+    """A linear classifier over given features (the frozen part is the identity), named as timm names its layer."""
+
+    def __init__(self, num_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(num_features, num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def forward(self, features):
+        return self.classifier(features)
 
 
 def use_plain_messages(monkeypatch) -> None:

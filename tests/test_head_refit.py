@@ -15,7 +15,7 @@ from shared.head_refit import (
     refit_head,
     summed_head_gradient,
 )
-from fake_grid import error_reply, site_reply, use_plain_messages
+from fake_grid import FeatureClassifier, error_reply, site_reply, use_plain_messages
 
 CLASSES = ["a", "b", "c"]
 
@@ -146,20 +146,6 @@ def test_head_names_come_from_the_model_and_a_model_without_a_linear_head_is_ref
         head_parameter_names(nn.Sequential(nn.ReLU()))
 
 
-class _Classifier(nn.Module):
-    """A linear classifier over given features (the frozen part is the identity)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.classifier = nn.Linear(2, 3)
-
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(features)
-
-
 class _SitesGrid:
     """Sites holding 2-D features; they answer the class census and head-gradient queries as real sites do."""
 
@@ -217,7 +203,7 @@ def test_the_server_takes_the_census_then_queries_the_sites_and_hands_on_the_ref
         (features[labels != 1], labels[labels != 1], val_features[val_labels != 1], val_labels[val_labels != 1]),
         (features[labels == 1], labels[labels == 1], val_features[val_labels == 1], val_labels[val_labels == 1]),
     ])
-    model = _Classifier()
+    model = FeatureClassifier(2, 3)
     with torch.no_grad():
         model.classifier.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]]))
         model.classifier.bias.copy_(torch.tensor([0.0, 0.0, -5.0]))
@@ -250,7 +236,7 @@ def test_without_answers_the_run_hands_on_the_layer_as_trained(monkeypatch):
     from shared.weights import model_to_arrays
 
     use_plain_messages(monkeypatch)
-    model = _Classifier()
+    model = FeatureClassifier(2, 3)
     arrays = ArrayRecord({name: Array(value) for name, value in model_to_arrays(model).items()})
     handed_on, refit = refit_classification_layer(_SilentGrid(), RunConfig(classes=CLASSES), arrays, model)
     assert handed_on is arrays and refit is None

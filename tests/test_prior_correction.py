@@ -8,7 +8,7 @@ from torch import nn
 from shared.errors import ModelError
 from shared.metrics import classification_metrics
 from shared.prior_correction import MAX_OFFSET, PRIOR_STEPS, fold_offsets, offset_step, soft_confusion
-from fake_grid import site_reply, use_plain_messages
+from fake_grid import FeatureClassifier, site_reply, use_plain_messages
 
 
 def _skewed_logits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,20 +67,6 @@ def test_folding_adds_the_offsets_to_the_logits():
         fold_offsets(nn.Sequential(nn.ReLU()), np.zeros(3))
 
 
-class _Classifier(nn.Module):
-    """A linear classifier over given features: what the sites' logits come from."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.classifier = nn.Linear(3, 3)
-
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(features)
-
-
 class _SitesGrid:
     """Two sites with validation features; each answers a prior query with the sent model's soft confusion."""
 
@@ -115,7 +101,7 @@ def test_the_server_folds_the_offsets_its_sites_soft_confusion_gives(monkeypatch
 
     use_plain_messages(monkeypatch)
     skewed, _, labels = _skewed_logits()
-    model = _Classifier()
+    model = FeatureClassifier(3, 3)
     with torch.no_grad():  # identity weights: the features are the skewed logits themselves
         model.classifier.weight.copy_(torch.eye(3))
         model.classifier.bias.zero_()
