@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-MESSAGE_TYPES = ("train", "evaluate", "query.calibrate", "query.batch_norm")
+MESSAGE_TYPES = ("train", "evaluate", "query.calibrate", "query.prior", "query.head_gradient", "query.batch_norm")
 
 HEAVY_MODULES = (
     "opacus",
