@@ -35,6 +35,8 @@ PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
 # Certificates start slightly in the past so a site whose clock runs a little behind accepts them.
 CLOCK_SKEW = datetime.timedelta(minutes=5)
+CA_DAYS = 3650
+"""Validity of the federation's CA: long, because every site holds its certificate; server certificates are renewed under it."""
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
 
@@ -47,11 +49,22 @@ class WrittenFile:
 
 
 def init_credentials(
-    out_dir: Path, server_names: Sequence[str], sites: Sequence[str], days: int = 365, force: bool = False
+    out_dir: Path,
+    server_names: Sequence[str],
+    sites: Sequence[str],
+    days: int = 365,
+    force: bool = False,
+    ca_days: int = CA_DAYS,
 ) -> list[WrittenFile]:
-    """Create the CA, the server key and certificate, and one node key pair per site in `out_dir`."""
+    """Create the CA, the server key and certificate, and one node key pair per site in `out_dir`.
+
+    The CA lives `ca_days` (sites keep its certificate), the server certificate `days`
+    (`renew_server` issues the next one from the same CA, so sites need no new files).
+    """
     if days < 1:
         raise ConfigError(f"--days {days} is not a validity period; give a number of days of 1 or more.")
+    if ca_days < days:
+        raise ConfigError(f"--ca-days {ca_days} is shorter than --days {days}; the CA must outlive the server certificate it signs.")
     names = _certificate_names(server_names)
     site_names = _check_site_names(sites)
     if not site_names:
@@ -63,7 +76,7 @@ def init_credentials(
         _refuse_other_site_same_file(out_dir, site)
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_cert = _ca_certificate(ca_key, days)
+    ca_cert = _ca_certificate(ca_key, ca_days)
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = _server_certificate(server_key, names, ca_key, ca_cert, days)
 
@@ -94,6 +107,39 @@ def add_site(out_dir: Path, site: str, force: bool = False) -> list[WrittenFile]
     written = _write_site_keys(out_dir, site_name)
     written.append(_write_readme(out_dir))
     return written
+
+
+def renew_server(out_dir: Path, days: int = 365, server_names: Sequence[str] | None = None) -> list[WrittenFile]:
+    """A new server key and certificate from the folder's CA (same names unless given); sites keep their files."""
+    if days < 1:
+        raise ConfigError(f"--days {days} is not a validity period; give a number of days of 1 or more.")
+    if not (out_dir / CA_KEY).is_file():
+        raise ConfigError(
+            f"{out_dir / CA_KEY} is not there; bring the CA key back from where it is kept offline (only it can sign "
+            "a server certificate the sites trust), or create new credentials with 'skin-fl-certs init'."
+        )
+    ca_cert = x509.load_pem_x509_certificate((out_dir / CA_CERT).read_bytes())
+    loaded = serialization.load_pem_private_key((out_dir / CA_KEY).read_bytes(), password=None)
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey) or loaded.public_key() != ca_cert.public_key():
+        raise ConfigError(f"{out_dir / CA_KEY} is not the key of {out_dir / CA_CERT}; give the folder 'skin-fl-certs init' wrote.")
+    if server_names:
+        names = _certificate_names(server_names)
+    else:
+        old = x509.load_pem_x509_certificate((out_dir / SERVER_CERT).read_bytes())
+        alternative = old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [*alternative.get_values_for_type(x509.DNSName), *map(str, alternative.get_values_for_type(x509.IPAddress))]
+    expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=days)
+    if expires > ca_cert.not_valid_after_utc:
+        raise ConfigError(
+            f"the CA expires on {ca_cert.not_valid_after_utc:%Y-%m-%d}, before a {days}-day certificate would; give a "
+            "shorter --days, or create new credentials with 'skin-fl-certs init' (sites then need the new ca.crt)."
+        )
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = _server_certificate(server_key, names, loaded, ca_cert, days)
+    return [
+        _write(out_dir, SERVER_KEY, _pem_private_key(server_key), secret=True),
+        _write(out_dir, SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM), secret=False),
+    ]
 
 
 def remove_site(out_dir: Path, site: str) -> list[Path]:
@@ -181,12 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
         "localhost and 127.0.0.1 are always added",
     )
     init.add_argument("--site", action="append", required=True, help="hospital site name (repeat for each site)")
-    init.add_argument("--days", type=int, default=365, help="certificate validity in days (default 365)")
+    init.add_argument("--days", type=int, default=365, help="server certificate validity in days (default 365)")
+    init.add_argument(
+        "--ca-days", type=int, default=CA_DAYS, help=f"CA validity in days (default {CA_DAYS}; renew-server issues server certificates under it)"
+    )
     init.add_argument("--force", action="store_true", help="replace files that already exist")
     add = commands.add_parser("add-site", help="add one site's key pair to an existing credentials folder")
     add.add_argument("--out", type=Path, required=True, help="the credentials folder made by 'init'")
     add.add_argument("--site", required=True, help="hospital site name")
     add.add_argument("--force", action="store_true", help="replace this site's key pair if it exists")
+    renew = commands.add_parser(
+        "renew-server", help="issue a new server key and certificate from the folder's CA (sites keep their files); restart the server"
+    )
+    renew.add_argument("--out", type=Path, required=True, help="the credentials folder made by 'init', with ca.key")
+    renew.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    renew.add_argument(
+        "--server-name", action="append", help="host names or addresses (default: those of the current certificate)"
+    )
     remove = commands.add_parser(
         "remove-site", help="delete one site's key pair (then 'skin-fl-server sync-site-keys' revokes it at the coordinator)"
     )
@@ -200,7 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "init":
-            written = init_credentials(args.out, args.server_name, args.site, args.days, args.force)
+            written = init_credentials(args.out, args.server_name, args.site, args.days, args.force, args.ca_days)
+        elif args.command == "renew-server":
+            written = renew_server(args.out, args.days, args.server_name)
         elif args.command == "remove-site":
             removed = remove_site(args.out, args.site)
             print(

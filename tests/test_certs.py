@@ -94,12 +94,11 @@ def test_secret_files_are_owner_only_and_public_files_world_readable(credentials
         assert _mode(credentials / public) == 0o644, public
 
 
-def test_days_set_the_validity_of_both_certificates(credentials):
+def test_days_set_the_server_certificates_validity_and_ca_days_the_cas(credentials):
     now = datetime.datetime.now(datetime.timezone.utc)
-    expected_end = now + datetime.timedelta(days=30)
-    for name in ["ca.crt", "server.crt"]:
+    for name, days in [("server.crt", 30), ("ca.crt", 3650)]:
         certificate = _certificate(credentials / name)
-        assert abs(certificate.not_valid_after_utc - expected_end) < datetime.timedelta(minutes=1)
+        assert abs(certificate.not_valid_after_utc - (now + datetime.timedelta(days=days))) < datetime.timedelta(minutes=1)
         assert certificate.not_valid_before_utc < now
 
 
@@ -150,3 +149,28 @@ def test_bad_server_name_and_days_are_refused(tmp_path, capsys):
     with pytest.raises(ConfigError, match="--days 0"):
         init_credentials(tmp_path, ["fl.org"], ["a"], days=0)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_ca_outlives_the_server_certificate_and_renewal_keeps_the_sites_trust(credentials):
+    from server.certs import renew_server
+
+    ca_cert, old = _certificate(credentials / "ca.crt"), _certificate(credentials / "server.crt")
+    assert ca_cert.not_valid_after_utc - old.not_valid_after_utc > datetime.timedelta(days=3000)
+    old_key = (credentials / "server.key").read_bytes()
+    written = renew_server(credentials, days=90)
+    assert [file.path for file in written] == ["server.key", "server.crt"]
+    new = _certificate(credentials / "server.crt")
+    assert (credentials / "server.key").read_bytes() != old_key and _mode(credentials / "server.key") == 0o600
+    assert new.serial_number != old.serial_number
+    assert datetime.timedelta(days=89) < new.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc) <= datetime.timedelta(days=90)
+    # Same names, same CA: a site's ca.crt verifies the new certificate as it did the old one.
+    store = Store([_certificate(credentials / "ca.crt")])
+    for subject in [x509.DNSName("fl.hospital.org"), x509.IPAddress(ipaddress.ip_address("10.0.0.5"))]:
+        PolicyBuilder().store(store).build_server_verifier(subject).verify(new, [])
+    with pytest.raises(ConfigError, match="CA expires on"):
+        renew_server(credentials, days=5000)
+    (credentials / "ca.key").unlink()
+    with pytest.raises(ConfigError, match="bring the CA key back"):
+        renew_server(credentials)
+    with pytest.raises(ConfigError, match="--ca-days 10 is shorter than --days 30"):
+        init_credentials(credentials.parent / "other", ["fl.hospital.org"], ["north"], days=30, ca_days=10)
