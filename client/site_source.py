@@ -96,7 +96,7 @@ class NodeConfigSite:
         )
 
     def feature_cache_dir(self, context: Context) -> Path:
-        """Where the site keeps features of its images under a frozen network: `features` in its image cache folder."""
+        """Where the site keeps features of its images under a frozen network: FEATURES_FOLDER in its image cache folder."""
         return Path(str(context.node_config.get("cache-dir", DEFAULT_CACHE_ROOT))) / FEATURES_FOLDER
 
     def privacy_state_dir(self, context: Context) -> Path:

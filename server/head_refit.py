@@ -15,7 +15,7 @@ from server.class_census import take_class_census
 from server.site_queries import ask_sites
 from shared.config import RunConfig
 from shared.errors import ConfigError
-from shared.head_refit import FederationGradient, head_parameter_names, refit_head
+from shared.head_refit import FederationGradient, SiteAnswer, head_parameter_names, refit_head, summed_answers
 from shared.protocol import HEAD_GRADIENT_MESSAGE, HEAD_GRADIENT_RECORD, HEAD_IMAGE_WEIGHT_KEY, HEAD_LOSS_KEY, VALIDATION_CONFUSION_KEY
 
 logger = logging.getLogger(__name__)
@@ -48,23 +48,22 @@ def refit_classification_layer(grid: Grid, run: RunConfig, arrays: ArrayRecord, 
             grid, run, HEAD_GRADIENT_MESSAGE, server_round=server_round, purpose="head refit", arrays=current,
             federation_class_counts=counts,
         )
-        weight_gradient, bias_gradient = np.zeros(weight.shape), np.zeros(bias.shape)
-        loss, image_weight, confusion = 0.0, 0.0, np.zeros((num_classes, num_classes), dtype=np.int64)
+        usable = []
         for answer in answers:
             gradient = array_record_to_numpy(answer.content[HEAD_GRADIENT_RECORD])
-            site_confusion = np.asarray(answer.metrics[VALIDATION_CONFUSION_KEY], dtype=np.int64)
-            if set(gradient) != {weight_name, bias_name} or site_confusion.size != num_classes**2:
+            confusion = list(answer.metrics[VALIDATION_CONFUSION_KEY])
+            shapes = {name: value.shape for name, value in gradient.items()}
+            if shapes != {weight_name: weight.shape, bias_name: bias.shape} or len(confusion) != num_classes**2:
                 logger.warning("head refit: node %s sent a gradient or confusion of the wrong shape; left out", answer.node)
                 continue
-            weight_gradient += gradient[weight_name]
-            bias_gradient += gradient[bias_name]
-            loss += float(answer.metrics[HEAD_LOSS_KEY])
-            image_weight += float(answer.metrics[HEAD_IMAGE_WEIGHT_KEY])
-            confusion += site_confusion.reshape(num_classes, num_classes)
-        if image_weight <= 0:
+            usable.append(
+                SiteAnswer(float(answer.metrics[HEAD_LOSS_KEY]), gradient, float(answer.metrics[HEAD_IMAGE_WEIGHT_KEY]), confusion)
+            )
+        summed = summed_answers(usable, weight_name, bias_name, num_classes)
+        if summed.summed_image_weight <= 0:
             raise _NoSiteAnswered
-        answered.append(len(answers))
-        return FederationGradient(loss, weight_gradient, bias_gradient, image_weight, confusion)
+        answered.append(len(usable))
+        return summed
 
     if not any(counts):
         logger.warning("head refit: the sites hold no training images of the run's classes; the layer stays as trained")

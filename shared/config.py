@@ -183,9 +183,10 @@ class FederationConfig(StrictModel):
         ge=0,
         le=1000,
         description="Refit the handed-on model's classification layer over the sites' training features, class-balanced "
-        "over the federation, in this many server steps (each one query; the sites send summed gradients of the layer "
-        "and validation confusion counts; the step with the best validation balanced accuracy is kept). 0: off. "
-        "None: 30 in runs without privacy, off in private runs (the gradients are not accounted).",
+        "over the federation, in about this many L-BFGS evaluations (each one query; the sites send the layer's summed "
+        "loss and gradient and validation confusion counts; the refitted layer is kept unless it scores below the "
+        "trained one on validation). 0: off. None: 30 in runs without privacy, off in private runs (the gradients "
+        "are not accounted).",
     )
     batch_norm: Literal["average", "recalibrate"] = Field(
         "average",

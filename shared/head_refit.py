@@ -14,7 +14,7 @@ HAM10000 sites: see README, "Federated quality".
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,6 +143,23 @@ class FederationGradient:
     bias_gradient: np.ndarray
     summed_image_weight: float
     validation_confusion: np.ndarray
+
+
+def summed_answers(answers: Sequence[SiteAnswer], weight_name: str, bias_name: str, num_classes: int) -> FederationGradient:
+    """What the sites' answers at one layer add up to (zeros without answers)."""
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    weight_gradient, bias_gradient = 0.0, 0.0
+    for answer in answers:
+        confusion += np.reshape(np.asarray(answer.validation_confusion, dtype=np.int64), (num_classes, num_classes))
+        weight_gradient = weight_gradient + answer.gradient[weight_name].astype(np.float64)
+        bias_gradient = bias_gradient + answer.gradient[bias_name].astype(np.float64)
+    return FederationGradient(
+        sum(answer.loss for answer in answers),
+        np.asarray(weight_gradient),
+        np.asarray(bias_gradient),
+        sum(answer.image_weight for answer in answers),
+        confusion,
+    )
 
 
 @dataclass

@@ -33,7 +33,7 @@ from shared.local_training import (
     site_round_seed,
     train_on_images,
 )
-from shared.head_refit import FederationGradient, head_parameter_names, refit_head, set_head, site_head_gradient
+from shared.head_refit import FederationGradient, head_parameter_names, refit_head, set_head, site_head_gradient, summed_answers
 from shared.metrics import classification_metrics
 from shared.models.frozen_features import frozen_features
 from shared.models.classifier import build_classifier
@@ -186,26 +186,18 @@ class ArmContext:
         test_features = frozen_features(model, self.pooled_test, device=self.device, precision=precision)
         test_labels = np.asarray(self.pooled_test.labels)
         test_by_query = []
+        splits = [(images.select("train"), images.select("val")) for images in self.sites.values()]
 
         def gradient_at(weight: np.ndarray, bias: np.ndarray) -> FederationGradient:
             set_head(refitted, weight, bias)
             answers = [
-                site_head_gradient(
-                    refitted, images.select("train"), images.select("val"), self.federation_class_counts,
-                    device=self.device, precision=precision,
-                )
-                for images in self.sites.values()
+                site_head_gradient(refitted, train, val, self.federation_class_counts, device=self.device, precision=precision)
+                for train, val in splits
             ]
             logits = test_features.double() @ torch.as_tensor(weight, dtype=torch.float64).T + torch.as_tensor(bias, dtype=torch.float64)
             test = classification_metrics(test_labels, logits.softmax(dim=1).numpy(), self.run.classes)
             test_by_query.append(test["balanced_accuracy"])
-            return FederationGradient(
-                sum(answer.loss for answer in answers),
-                sum(answer.gradient[weight_name].astype(np.float64) for answer in answers),
-                sum(answer.gradient[bias_name].astype(np.float64) for answer in answers),
-                sum(answer.image_weight for answer in answers),
-                np.sum([np.reshape(answer.validation_confusion, (len(self.run.classes),) * 2) for answer in answers], axis=0),
-            )
+            return summed_answers(answers, weight_name, bias_name, len(self.run.classes))
 
         base = model_to_arrays(model)
         result = refit_head(base[weight_name], base[bias_name], gradient_at, steps=self.run.head_refit_steps())
