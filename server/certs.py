@@ -61,8 +61,7 @@ def init_credentials(
     The CA lives `ca_days` (sites keep its certificate), the server certificate `days`
     (`renew_server` issues the next one from the same CA, so sites need no new files).
     """
-    if days < 1:
-        raise ConfigError(f"--days {days} is not a validity period; give a number of days of 1 or more.")
+    _check_days(days)
     if ca_days < days:
         raise ConfigError(f"--ca-days {ca_days} is shorter than --days {days}; the CA must outlive the server certificate it signs.")
     names = _certificate_names(server_names)
@@ -111,8 +110,7 @@ def add_site(out_dir: Path, site: str, force: bool = False) -> list[WrittenFile]
 
 def renew_server(out_dir: Path, days: int = 365, server_names: Sequence[str] | None = None) -> list[WrittenFile]:
     """A new server key and certificate from the folder's CA (same names unless given); sites keep their files."""
-    if days < 1:
-        raise ConfigError(f"--days {days} is not a validity period; give a number of days of 1 or more.")
+    _check_days(days)
     if not (out_dir / CA_KEY).is_file():
         raise ConfigError(
             f"{out_dir / CA_KEY} is not there; bring the CA key back from where it is kept offline (only it can sign "
@@ -140,6 +138,11 @@ def renew_server(out_dir: Path, days: int = 365, server_names: Sequence[str] | N
         _write(out_dir, SERVER_KEY, _pem_private_key(server_key), secret=True),
         _write(out_dir, SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM), secret=False),
     ]
+
+
+def _check_days(days: int) -> None:
+    if days < 1:
+        raise ConfigError(f"--days {days} is not a validity period; give a number of days of 1 or more.")
 
 
 def remove_site(out_dir: Path, site: str) -> list[Path]:

@@ -29,6 +29,7 @@ LOOPBACK = "127.0.0.1"
 CONNECTION_NAME = "skin-fl"
 """The SuperLink connection name written into the Flower CLI's config.toml."""
 STATE_FILE = "server.json"
+SITE_KEYS_FILE = "site_keys.json"
 STARTUP_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
 FLOWER_QUIET_ENV = {
@@ -72,6 +73,11 @@ class StateLayout:
     def logs_dir(self) -> Path:
         """Log files of the SuperLink (and its ServerApp processes)."""
         return self.root / "logs"
+
+    @property
+    def site_keys_file(self) -> Path:
+        """The node id and key fingerprint of every site key this coordinator registered (server.site_keys)."""
+        return self.root / SITE_KEYS_FILE
 
     @property
     def state_file(self) -> Path:

@@ -10,9 +10,6 @@ from collections.abc import Callable
 from server.deployment import CONNECTION_NAME, Credentials, DeploymentError, StateLayout, flower_error, run_flower_cli
 from shared.durable_files import write_json_atomically
 
-SITE_KEYS_FILE = "site_keys.json"
-"""In the state folder: the node id and key fingerprint of every site key this coordinator registered."""
-
 
 def key_fingerprint(public_key_text: str) -> str:
     """SHA-256 of an OpenSSH public key's key bytes (its comment, the site name, left out)."""
@@ -27,10 +24,10 @@ def sync_site_keys(layout: StateLayout, credentials: Credentials, say: Callable[
 
     A site whose key file is gone (`skin-fl-certs remove-site`) or was replaced
     (`add-site --force`) has its old key unregistered, so a stolen or retired key stops working;
-    then every key in the folder is registered. Node ids are recorded in SITE_KEYS_FILE; a key
+    then every key in the folder is registered. Node ids are recorded in the state folder's `site_keys.json`; a key
     registered before this record existed cannot be found by id, and is named in a warning.
     """
-    record_path = layout.root / SITE_KEYS_FILE
+    record_path = layout.site_keys_file
     recorded: dict[str, dict] = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
     present = {site: key_fingerprint(path.read_text(encoding="utf-8")) for site, path in credentials.site_keys}
     for site, entry in sorted(recorded.items()):

@@ -183,7 +183,7 @@ def test_a_removed_site_key_is_unregistered_at_the_running_coordinator(deploymen
     # Last in this module: it revokes a site the tests above use.
     from server.certs import main as certs_main
 
-    record = read_json(deployment.state_dir / "site_keys.json")
+    record = read_json(deployment.layout.site_keys_file)
     beta_id = record["beta"]["node_id"]
     assert certs_main(["remove-site", "--out", str(deployment.credentials), "--site", "beta"]) == 0
     synced = deployment.server_cli("sync-site-keys", "--credentials", str(deployment.credentials))

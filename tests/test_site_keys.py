@@ -56,7 +56,7 @@ def test_sync_registers_every_key_and_unregisters_removed_and_replaced_ones(cred
     layout.root.mkdir()
     said = []
     site_keys.sync_site_keys(layout, check_credentials(credentials), said.append)
-    record = json.loads((layout.root / site_keys.SITE_KEYS_FILE).read_text())
+    record = json.loads((layout.site_keys_file).read_text())
     assert sorted(record) == ["Alpha Clinic", "beta"] and len(superlink.keys) == 2
     beta_id = record["beta"]["node_id"]
 
@@ -69,7 +69,7 @@ def test_sync_registers_every_key_and_unregisters_removed_and_replaced_ones(cred
     site_keys.sync_site_keys(layout, check_credentials(credentials), said.append)
     assert beta_id not in superlink.keys and len(superlink.keys) == 1
     assert f'unregistered the node key of site "beta" (node id {beta_id})' in said[-2]
-    assert "beta" not in json.loads((layout.root / site_keys.SITE_KEYS_FILE).read_text())
+    assert "beta" not in json.loads((layout.site_keys_file).read_text())
 
     # Alpha's key is replaced: the old one is unregistered, the new one registered.
     alpha_id = record["Alpha Clinic"]["node_id"]
