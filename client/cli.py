@@ -161,7 +161,13 @@ def describe_checked_site(checked: CheckedSite) -> str:
 
 
 def supernode_command(settings: SiteSettings, node_config_path: Path) -> list[str]:
-    """The flower-supernode command line for this site."""
+    """The command line that runs this site's flower-supernode under the site's own ClientApp runner.
+
+    The runner (`client.task_runner`) loads the site's code once and forks a worker per task, so a
+    message costs no process start-up, and the site runs only its installed code: the
+    coordinator's app package is checked against it, never installed.
+    """
+    from client.task_runner import runner_command
     from shared.executables import venv_executable
 
     command = [venv_executable("flower-supernode"), "--superlink", settings.superlink]
@@ -178,11 +184,11 @@ def supernode_command(settings: SiteSettings, node_config_path: Path) -> list[st
         "--port", str(settings.supernode_port),
         "--max-wait-time", str(settings.reconnect.supernode_wait_s),
     ]
-    return command
+    return runner_command(command, settings.supernode_port)
 
 
 def supernode_environment(state_dir: Path) -> dict[str, str]:
-    """Quiet Flower, this environment's scripts first on PATH (the SuperNode starts flwr-clientapp by name)."""
+    """Quiet Flower, this environment's scripts first on PATH (the runner starts flower-supernode from it)."""
     environment = dict(os.environ)
     environment.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"})
     environment.setdefault("FLWR_HOME", str(state_dir / "flwr-home"))
@@ -244,8 +250,8 @@ class SupernodeSupervisor:
                 sys.stdout.write(line)
                 diagnosis = watcher.feed(line)
                 if "Exit Code:" in line and exit_timer is None:
-                    # The SuperNode has given up, but its SuperExec keeps retrying the closed local API
-                    # for up to --max-wait-time: end it once its last words are out.
+                    # The SuperNode has given up: end it, the runner and any task worker once its last
+                    # words are out.
                     exit_timer = threading.Timer(EXIT_LINGER_S, self._terminate)
                     exit_timer.start()
                 if "SuperNode ID:" in line and connected_at is None:

@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.common.constant import ErrorCode
 from pydantic import ValidationError
 
+from client.app_package import AppPackageMismatch
 from shared.config import RoundInstructions, RunConfig
 from shared.errors import ConfigError, DataError, ModelError, SkinFLError
 from shared.privacy.accounting import PrivacyBudgetExceeded, PrivacyLedgerError
@@ -81,6 +82,8 @@ def site_error_code(error: BaseException) -> str:
     """The fixed code a site sends for `error` (see `shared.protocol.SITE_ERRORS`)."""
     if isinstance(error, ReplyNotAllowed):
         return "site-reply-refused"
+    if isinstance(error, AppPackageMismatch):
+        return "site-app-package"
     if isinstance(error, PrivacyPolicyRefused):
         return "site-privacy-policy"
     if isinstance(error, PrivacyBudgetExceeded):

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir",
         type=Path,
         default=Path(os.environ.get(STATE_DIR_ENV, DEFAULT_STATE_DIR)),
-        help=f"server state: SuperLink database, run folders, logs (default ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})",
+        help=f"server state: run folders, site-key record, logs (default ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})",
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="the ServerApp also logs Flower's own lines (quiet by default)"
@@ -206,10 +206,16 @@ def _status(layout: StateLayout) -> int:
     if not reply.get("success"):
         raise DeploymentError(f"could not list the runs: {flower_error(reply)}")
     runs = reply.get("runs", [])
-    if not runs:
+    listed = {str(entry.get("run-id")) for entry in runs}
+    # The SuperLink knows the runs since this coordinator started; earlier ones live on in their folders.
+    earlier = [folder for folder in sorted(layout.runs_dir.glob("*-run-*")) if _run_id_of_folder(folder) not in listed]
+    if not runs and not earlier:
         print("no runs yet; submit one with 'skin-fl-server submit RUN_CONFIG.toml'.")
         return 0
     print(f"{'run id':<22} {'status':<20} {'elapsed':<10} {'rounds done':<12} run folder")
+    for folder in earlier:
+        ended = "earlier: completed" if (folder / "final_model.pt").is_file() else "earlier: unfinished"
+        print(f"{_run_id_of_folder(folder):<22} {ended:<20} {'-':<10} {len(_history_rounds(folder)):<12} {folder}")
     for entry in runs:
         run_id = str(entry.get("run-id"))
         folder = run_folder_for(run_id, layout)
@@ -218,7 +224,15 @@ def _status(layout: StateLayout) -> int:
             f"{run_id:<22} {str(entry.get('status')):<20} {str(entry.get('elapsed')):<10} "
             f"{rounds_done:<12} {folder if folder else '-'}"
         )
+    if earlier:
+        print("runs marked 'earlier' ran before the coordinator's last start; resume an unfinished one with "
+              "'skin-fl-server submit RUN_CONFIG.toml --resume FOLDER'.")
     return 0
+
+
+def _run_id_of_folder(folder: Path) -> str:
+    """The run id in a run folder's name (<date>-run-<id>[-...])."""
+    return folder.name.split("-run-", 1)[1].split("-", 1)[0]
 
 
 def _history(run: str, layout: StateLayout) -> int:

@@ -45,14 +45,9 @@ class DeploymentError(SkinFLError):
 
 @dataclass(frozen=True)
 class StateLayout:
-    """Where the coordinator keeps its state: SuperLink database, run folders, logs, nginx and CLI config."""
+    """Where the coordinator keeps its state: run folders, site-key record, logs, nginx and CLI config."""
 
     root: Path
-
-    @property
-    def database(self) -> Path:
-        """The SuperLink's persistent state database."""
-        return self.root / "superlink.db"
 
     @property
     def runs_dir(self) -> Path:
@@ -422,8 +417,11 @@ class Coordinator:
                 "--ssl-ca-certfile", str(self.credentials.ca_cert),
                 "--enable-supernode-auth",
             ]
+        # Flower's in-memory run state (no --database): with its SQLite file every message's objects
+        # went through SQL bookkeeping and a loopback round took twice as long. What lives only in
+        # the SuperLink is rebuilt at each start: the site keys are registered again from the
+        # credentials folder, and a run is resumed from its run folder, which `status` lists.
         command += [
-            "--database", str(self.layout.database),
             "--disable-runtime-dependency-installation",
             "--host", LOOPBACK,
             "--port", str(self.superlink_port),
@@ -431,7 +429,7 @@ class Coordinator:
         log_path = self.layout.logs_dir / "superlink.log"
         self.superlink = _spawn(command, flower_environment(self.layout), log_path, cwd=self.layout.root)
         wait_for_superlink(self.superlink_port, self.credentials.ca_cert if self.credentials else None, self.superlink, log_path)
-        self.say(f"SuperLink on https://{LOOPBACK}:{self.superlink_port} (loopback only); state database {self.layout.database}"
+        self.say(f"SuperLink on https://{LOOPBACK}:{self.superlink_port} (loopback only)"
                  if self.credentials else f"SuperLink on http://{LOOPBACK}:{self.superlink_port} (loopback only, NO TLS)")
 
     def _register_site_keys(self) -> None:

@@ -160,6 +160,7 @@ SITE_ERRORS = {
         SiteErrorCode("site-privacy-ledger", "the site's privacy ledger of this run is missing or unreadable"),
         SiteErrorCode("site-out-of-memory", "the site ran out of memory"),
         SiteErrorCode("site-reply-refused", "the site's reply held something its allow-list does not permit, so none was sent"),
+        SiteErrorCode("site-app-package", "the coordinator's app package differs from the skin-fl code installed at the site"),
         SiteErrorCode("site-internal", "the site hit an unexpected error"),
     )
 }

@@ -3,7 +3,10 @@
 Overhead of a round = its wall time at the server (train phase + evaluate phase) minus the longest
 local training time a site reported for that round. What is left is process start-up of the
 per-message ClientApp, loading the site's cache, building the model, (de)serialising weights,
-TLS, nginx, and the SuperNodes' polling. Run from a source checkout (it reuses the loopback
+TLS, nginx, and the SuperNodes' polling. Each site count runs twice, alternately: with the site's own
+task runner (`client.task_runner`, as skin-fl-client starts a site: code loaded once, a forked
+worker per message) and with Flower's default of a fresh `flwr-clientapp` process per message; the
+ratio of their overheads is measured in one run. Run from a source checkout (it reuses the loopback
 deployment of tests/deploy_harness.py):
 
     python -m simulation.deploy_overhead --sites 2 4 --rounds 3
@@ -20,15 +23,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+RUNNERS = {"skin-fl": True, "flower": False}
+"""Runner name -> whether the SuperNodes run under skin-fl's task runner (else Flower's per-message processes)."""
 
 
-def measure(num_sites: int, rounds: int, images_per_site: int, max_steps: int, workdir: Path) -> dict:
-    """Run one federation of `num_sites` demo sites for `rounds` rounds; returns per-round overhead figures."""
+def measure(num_sites: int, runner: str, rounds: int, images_per_site: int, max_steps: int, workdir: Path) -> dict:
+    """Run one federation of `num_sites` demo sites for `rounds` rounds with `runner`; returns per-round overhead figures."""
     from deploy_harness import FAST_RUN_CONFIG, Deployment, read_json
 
     names = tuple(f"site {index + 1}" for index in range(num_sites))
     run_config = {**FAST_RUN_CONFIG, "num-server-rounds": rounds, "max-steps-per-epoch": max_steps, "min-sites": num_sites}
-    with Deployment(workdir / f"{num_sites}-sites", site_names=names, images_per_site=images_per_site) as deployment:
+    with Deployment(workdir / f"{num_sites}-sites-{runner}", site_names=names, images_per_site=images_per_site,
+                    task_runner=RUNNERS[runner]) as deployment:
         deployment.make_credentials()
         deployment.make_site_data()
         deployment.start_server()
@@ -60,6 +66,7 @@ def measure(num_sites: int, rounds: int, images_per_site: int, max_steps: int, w
     later = [entry["overhead_s"] for entry in per_round[1:]] or [per_round[0]["overhead_s"]]
     return {
         "sites": num_sites,
+        "runner": runner,
         "rounds": per_round,
         "first_round_overhead_s": per_round[0]["overhead_s"],
         "later_rounds_mean_overhead_s": round(statistics.mean(later), 2),
@@ -74,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per run (default 3)")
     parser.add_argument("--images-per-site", type=int, default=36, help="demo images per site (default 36)")
     parser.add_argument("--max-steps", type=int, default=2, help="optimiser steps per local epoch (default 2)")
+    parser.add_argument("--runners", nargs="+", choices=sorted(RUNNERS), default=["skin-fl", "flower"],
+                        help="site runners to compare, run alternately for each site count (default: skin-fl flower)")
     parser.add_argument("--output", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO / "tests"))
@@ -82,18 +91,28 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="skin-fl-overhead-") as scratch:
         for num_sites in args.sites:
-            results.append(measure(num_sites, args.rounds, args.images_per_site, args.max_steps, Path(scratch)))
-    print(f"{'sites':>5} {'round':>5} {'wall s':>7} {'train s':>8} {'eval s':>7} {'local train s':>13} {'overhead s':>10}")
+            for runner in args.runners:
+                results.append(measure(num_sites, runner, args.rounds, args.images_per_site, args.max_steps, Path(scratch)))
+    print(f"{'sites':>5} {'runner':>7} {'round':>5} {'wall s':>7} {'train s':>8} {'eval s':>7} {'local train s':>13} {'overhead s':>10}")
     for result in results:
         for entry in result["rounds"]:
             print(
-                f"{result['sites']:>5} {entry['round']:>5} {entry['round_wall_s']:>7.2f} {entry['train_phase_wall_s']:>8.2f} "
-                f"{entry['evaluate_phase_wall_s']:>7.2f} {entry['longest_local_training_s']:>13.2f} {entry['overhead_s']:>10.2f}"
+                f"{result['sites']:>5} {result['runner']:>7} {entry['round']:>5} {entry['round_wall_s']:>7.2f} "
+                f"{entry['train_phase_wall_s']:>8.2f} {entry['evaluate_phase_wall_s']:>7.2f} "
+                f"{entry['longest_local_training_s']:>13.2f} {entry['overhead_s']:>10.2f}"
             )
         print(
-            f"{result['sites']:>5} sites: overhead round 1 {result['first_round_overhead_s']:.2f} s, later rounds mean "
-            f"{result['later_rounds_mean_overhead_s']:.2f} s; submit to finish {result['submit_to_finish_s']:.1f} s"
+            f"{result['sites']:>5} sites, {result['runner']} runner: overhead round 1 {result['first_round_overhead_s']:.2f} s, "
+            f"later rounds mean {result['later_rounds_mean_overhead_s']:.2f} s; submit to finish {result['submit_to_finish_s']:.1f} s"
         )
+    by_key = {(result["sites"], result["runner"]): result for result in results}
+    for num_sites in args.sites:
+        if (num_sites, "skin-fl") in by_key and (num_sites, "flower") in by_key:
+            ours, flowers = by_key[num_sites, "skin-fl"], by_key[num_sites, "flower"]
+            print(
+                f"{num_sites:>5} sites: later-round overhead skin-fl / flower runner = "
+                f"{ours['later_rounds_mean_overhead_s'] / flowers['later_rounds_mean_overhead_s']:.2f}x"
+            )
     if args.output:
         args.output.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from client.task_runner import runner_command
 from server.certs import init_credentials, site_file_stem
 from server.deployment import StateLayout, descendants, run_flower_cli, stop_pids
 from server.run_config_file import write_run_config_file
@@ -81,6 +82,8 @@ class Deployment:
     superlink_port: int = 0
     server: subprocess.Popen | None = None
     sites: list[Site] = field(default_factory=list)
+    task_runner: bool = True
+    """SuperNodes run under skin-fl's task runner, as skin-fl-client starts them; False: Flower's own per-message processes."""
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -120,15 +123,18 @@ class Deployment:
         self, site: Site, *, key: Path | None = None, ca: Path | None = None, log_name: str | None = None,
         extra: tuple[str, ...] = (),
     ) -> subprocess.Popen:
-        """A real flower-supernode for `site` connecting through nginx's public port."""
+        """A real flower-supernode for `site` connecting through nginx's public port, under the site's task runner."""
         key = key if key is not None else self.credentials / "sites" / f"{site_file_stem(site.name)}.key"
+        runtime_port = free_port()
         command = [
             str(VENV_BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.public_port}",
             "--auth-supernode-private-key", str(key), "--node-config", site.node_config,
-            "--port", str(free_port()), *extra,
+            "--port", str(runtime_port), *extra,
         ]
         if ca is not None:
             command += ["--root-certificates", str(ca)]
+        if self.task_runner:
+            command = runner_command(command, runtime_port)
         # Each SuperNode installs the app it is sent into its own FLWR_HOME, not the user's ~/.flwr.
         flwr_home = self.root / "site-flwr-home" / site_file_stem(site.name)
         return self._spawn(command, log_name or f"supernode-{site_file_stem(site.name)}.log", {"FLWR_HOME": str(flwr_home)})

@@ -2,6 +2,7 @@
 
 import csv
 import http.client
+import shutil
 import ssl
 import sys
 import time
@@ -9,9 +10,10 @@ import time
 import pytest
 
 from deploy_harness import FAST_RUN_CONFIG, Deployment, free_port, read_json
-from server.certs import init_credentials
+from server.certs import init_credentials, site_file_stem
 from server.run_config_file import app_directory
-from server.deployment import StateLayout, _alive, descendants, run_flower_cli, write_flower_cli_config
+from server.deployment import CONNECTION_NAME, StateLayout, _alive, descendants, run_flower_cli, write_flower_cli_config
+from server.run_config_file import write_run_config_file
 from shared.models.classifier import load_classifier
 
 pytestmark = pytest.mark.slow
@@ -112,6 +114,31 @@ def test_a_submitted_run_can_be_stopped(deployment):
     assert deployment.wait_for_run(run_id, 60) == "finished:stopped"
     again = deployment.server_cli("stop", run_id)
     assert again.returncode == 2 and f"could not stop run {run_id}" in again.stderr
+
+
+def test_a_run_whose_app_package_differs_from_the_sites_code_is_refused_at_every_site(deployment, tmp_path):
+    # A coordinator whose app package holds one changed line of client code: the sites run none of it.
+    deployment.wait_for_run(deployment.run_id, RUN_TIMEOUT_S)
+    source, changed = app_directory(), tmp_path / "changed-app"
+    changed.mkdir()
+    shutil.copy(source / "pyproject.toml", changed / "pyproject.toml")
+    for package in ("client", "shared", "server"):
+        shutil.copytree(source / package, changed / package, ignore=shutil.ignore_patterns("__pycache__"))
+    with (changed / "client" / "app.py").open("a") as handle:
+        handle.write("\nprint('code the sites never checked')\n")
+    config_file = write_run_config_file(tmp_path / "run-config.toml", {**FAST_RUN_CONFIG, "num-server-rounds": 1})
+    reply = run_flower_cli(deployment.layout, ["run", str(changed), CONNECTION_NAME, "--run-config", str(config_file)], timeout=300)
+    run_id = str(reply["run-id"])
+    logs = [f"supernode-{site_file_stem(site.name)}.log" for site in deployment.sites]
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not all("site-app-package" in deployment.log(name) for name in logs) and time.monotonic() < deadline:
+        time.sleep(1)
+    deployment.server_cli("stop", run_id)
+    for name in logs:
+        log = deployment.log(name)
+        assert "differs from the skin-fl code installed at this site in 1 file(s) (client/app.py)" in log, log[-3000:]
+        assert "code the sites never checked" not in log
+    assert not (deployment.run_folder(run_id) / "final_model.pt").exists()
 
 
 def test_supernode_without_the_ca_cannot_connect(deployment):

@@ -307,3 +307,32 @@ def test_nginx_speaks_tls_1_3_only(credentials, tmp_path):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
             with current.wrap_socket(raw, server_hostname="fl.example.org") as tls:
                 assert tls.version() == "TLSv1.3"
+
+
+def test_status_lists_the_runs_of_earlier_starts_from_their_folders(tmp_path, monkeypatch, capsys):
+    # The SuperLink keeps its run list in memory: runs from before a restart are known by their folders.
+    import json
+
+    from server.deployment import StateLayout
+
+    layout = StateLayout(tmp_path)
+    layout.state_file.parent.mkdir(parents=True, exist_ok=True)
+    layout.state_file.write_text(json.dumps({
+        "superlink_port": 1, "public_host": "localhost", "public_port": 2, "insecure": False, "ca_cert": None, "pid": 3,
+    }))
+    finished = tmp_path / "runs" / "20260101-000000-run-41"
+    MetricHistory(finished).record_train(1, {}, {"a": {}}, 1.0)
+    (finished / "final_model.pt").write_bytes(b"")
+    unfinished = tmp_path / "runs" / "20260102-000000-run-42"
+    MetricHistory(unfinished).record_train(1, {}, {"a": {}}, 1.0)
+    current = tmp_path / "runs" / "20260103-000000-run-43"
+    current.mkdir()
+    monkeypatch.setattr(cli, "run_flower_cli", lambda layout, arguments, **_: {
+        "success": True, "runs": [{"run-id": 43, "status": "running", "elapsed": "00:01:00"}],
+    })
+    assert cli.main(["--state-dir", str(tmp_path), "status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in lines[1:4]] == [
+        ["41", "earlier:", "completed"], ["42", "earlier:", "unfinished"], ["43", "running", "00:01:00"],
+    ]
+    assert "--resume FOLDER" in lines[-1]
