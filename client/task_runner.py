@@ -224,7 +224,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, runner.request_stop)
     runner.start_supernode()
-    seconds = load_site_code()
+    try:
+        seconds = load_site_code()
+    except Exception as error:  # noqa: BLE001 - without its code the site cannot answer: stop the SuperNode too
+        print(f"skin-fl site runner: error: the site's code could not be loaded ({type(error).__name__}: {error}); "
+              "reinstall skin-fl at this site (pip install skin-fl) and start skin-fl-client again.", file=sys.stderr, flush=True)
+        runner.request_stop()
+        runner.supernode.wait()
+        return 1
     print(f"skin-fl site runner: the site's code is loaded ({seconds:.1f} s); each task runs in a worker forked from it.",
           flush=True)
     return runner.serve()

@@ -27,12 +27,14 @@ RUNNERS = {"skin-fl": True, "flower": False}
 """Runner name -> whether the SuperNodes run under skin-fl's task runner (else Flower's per-message processes)."""
 
 
-def measure(num_sites: int, runner: str, rounds: int, images_per_site: int, max_steps: int, workdir: Path) -> dict:
+def measure(num_sites: int, runner: str, model: str, rounds: int, images_per_site: int, max_steps: int, workdir: Path) -> dict:
     """Run one federation of `num_sites` demo sites for `rounds` rounds with `runner`; returns per-round overhead figures."""
     from deploy_harness import FAST_RUN_CONFIG, Deployment, read_json
 
     names = tuple(f"site {index + 1}" for index in range(num_sites))
-    run_config = {**FAST_RUN_CONFIG, "num-server-rounds": rounds, "max-steps-per-epoch": max_steps, "min-sites": num_sites}
+    run_config = {
+        **FAST_RUN_CONFIG, "model": model, "num-server-rounds": rounds, "max-steps-per-epoch": max_steps, "min-sites": num_sites,
+    }
     with Deployment(workdir / f"{num_sites}-sites-{runner}", site_names=names, images_per_site=images_per_site,
                     task_runner=RUNNERS[runner]) as deployment:
         deployment.make_credentials()
@@ -67,6 +69,7 @@ def measure(num_sites: int, runner: str, rounds: int, images_per_site: int, max_
     return {
         "sites": num_sites,
         "runner": runner,
+        "model": model,
         "rounds": per_round,
         "first_round_overhead_s": per_round[0]["overhead_s"],
         "later_rounds_mean_overhead_s": round(statistics.mean(later), 2),
@@ -76,9 +79,13 @@ def measure(num_sites: int, runner: str, rounds: int, images_per_site: int, max_
 
 def main(argv: list[str] | None = None) -> int:
     """Measure the overhead for each site count and print a table (and JSON with --output)."""
+    from shared.config import DEFAULT_MODEL  # importing shared first installs the torchvision shim the harness needs
+
     parser = argparse.ArgumentParser(prog="python -m simulation.deploy_overhead", description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, nargs="+", default=[2, 4], help="site counts to measure (default 2 4)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per run (default 3)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"timm model the run sends (randomly initialised; default {DEFAULT_MODEL}, the deployments' default)")
     parser.add_argument("--images-per-site", type=int, default=36, help="demo images per site (default 36)")
     parser.add_argument("--max-steps", type=int, default=2, help="optimiser steps per local epoch (default 2)")
     parser.add_argument("--runners", nargs="+", choices=sorted(RUNNERS), default=["skin-fl", "flower"],
@@ -86,13 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO / "tests"))
-    import shared  # noqa: F401 - the torchvision shim, before the harness imports the data code
 
     results = []
     with tempfile.TemporaryDirectory(prefix="skin-fl-overhead-") as scratch:
         for num_sites in args.sites:
             for runner in args.runners:
-                results.append(measure(num_sites, runner, args.rounds, args.images_per_site, args.max_steps, Path(scratch)))
+                results.append(
+                    measure(num_sites, runner, args.model, args.rounds, args.images_per_site, args.max_steps, Path(scratch))
+                )
     print(f"{'sites':>5} {'runner':>7} {'round':>5} {'wall s':>7} {'train s':>8} {'eval s':>7} {'local train s':>13} {'overhead s':>10}")
     for result in results:
         for entry in result["rounds"]:
