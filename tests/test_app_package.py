@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from client.app_package import AppPackageMismatch, check_app_package, differing_files, install_root, installed_code
+from client.app_package import (
+    CHECKED_PACKAGES,
+    AppPackageMismatch,
+    check_app_package,
+    differing_files,
+    install_root,
+    installed_code,
+)
 from client.reply_guard import site_error_code
 from shared.protocol import ScreenedSiteError, site_error_reason
 
@@ -71,3 +78,11 @@ def test_a_refused_package_reaches_the_coordinator_as_its_own_fixed_code():
     assert code == "site-app-package"
     screened = ScreenedSiteError.of(site_error_reason(code, "0123456789ab"))
     assert screened.code == "site-app-package" and "app package differs" in screened.reason
+
+
+def test_the_checked_packages_are_what_an_app_package_carries():
+    import tomllib
+
+    pyproject = tomllib.loads((install_root() / "pyproject.toml").read_text())
+    carried = {pattern.split("/", 1)[0] for pattern in pyproject["tool"]["flwr"]["app"]["fab-include"]}
+    assert carried == set(CHECKED_PACKAGES)
