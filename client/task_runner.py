@@ -220,6 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.supernode_command[1:] if args.supernode_command[:1] == ["--"] else args.supernode_command
     if not command or "--isolation" not in command:
         parser.error("give the flower-supernode command after '--', with '--isolation process'")
+    from shared.protocol import FLOWER_OBJECT_TRANSFER_ENV
+
+    # Before Flower is imported here (it reads them once) and before the SuperNode starts.
+    os.environ.update(FLOWER_OBJECT_TRANSFER_ENV)
     runner = TaskRunner(command, args.runtime_port)
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, runner.request_stop)

@@ -24,6 +24,7 @@ from server.round_summary import RoundFollower
 from shared.errors import ConfigError, SkinFLError
 from shared.executables import venv_executable
 from shared.network import is_loopback
+from shared.protocol import FLOWER_OBJECT_TRANSFER_ENV
 
 LOOPBACK = "127.0.0.1"
 CONNECTION_NAME = "skin-fl"
@@ -166,9 +167,10 @@ def ensure_port_free(host: str, port: int, what: str, option: str) -> None:
 
 
 def flower_environment(layout: StateLayout) -> dict[str, str]:
-    """Environment of every Flower process: quiet, no dependency installs, this venv first on PATH."""
+    """Environment of every Flower process: quiet, no dependency installs, 8 objects at a time, this venv first on PATH."""
     environment = dict(os.environ)
     environment.update(FLOWER_QUIET_ENV)
+    environment.update(FLOWER_OBJECT_TRANSFER_ENV)
     environment["FLWR_HOME"] = str(layout.flwr_home)
     environment["SKIN_FL_RUNS_DIR"] = str(layout.runs_dir)
     # SuperExec starts flwr-serverapp by name: it must find this environment's scripts.

@@ -17,6 +17,7 @@ from server.deployment import StateLayout, descendants, run_flower_cli, stop_pid
 from server.run_config_file import write_run_config_file
 from shared.data.demo import write_demo_dataset
 from shared.device import cpu_threads_per_process
+from shared.protocol import FLOWER_OBJECT_TRANSFER_ENV
 
 VENV_BIN = Path(sys.executable).parent
 FAST_RUN_CONFIG = {
@@ -138,7 +139,9 @@ class Deployment:
             command = runner_command(command, runtime_port)
         # Each SuperNode installs the app it is sent into its own FLWR_HOME, not the user's ~/.flwr.
         flwr_home = self.root / "site-flwr-home" / site_file_stem(site.name)
-        return self._spawn(command, log_name or f"supernode-{site_file_stem(site.name)}.log", {"FLWR_HOME": str(flwr_home)})
+        # Flower's own runner gets the same object transfer settings as skin-fl's (which sets them itself).
+        environment = {"FLWR_HOME": str(flwr_home), **FLOWER_OBJECT_TRANSFER_ENV}
+        return self._spawn(command, log_name or f"supernode-{site_file_stem(site.name)}.log", environment)
 
     def server_cli(self, *arguments: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
         """Run `skin-fl-server --state-dir STATE ARGUMENTS` and capture its output."""
