@@ -130,11 +130,7 @@ class TaskRunner:
     def request_stop(self, *_ignored) -> None:
         """Stop the SuperNode and the workers; serve() returns once the SuperNode has exited."""
         self.stopping = True
-        for pid in [*self.workers, *([self.supernode.pid] if self.supernode else [])]:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        _signal([*self.workers, *([self.supernode.pid] if self.supernode else [])], signal.SIGTERM)
 
     def _reap_workers(self) -> None:
         for pid in list(self.workers):
@@ -204,11 +200,16 @@ class TaskRunner:
         while self.workers and time.monotonic() < deadline:
             self._reap_workers()
             time.sleep(0.1)
-        for pid in self.workers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _signal(self.workers, signal.SIGKILL)
+
+
+def _signal(pids, number: int) -> None:
+    """Send signal `number` to each process that still exists."""
+    for pid in list(pids):
+        try:
+            os.kill(pid, number)
+        except ProcessLookupError:
+            pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
