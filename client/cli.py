@@ -19,12 +19,12 @@ from client.site_config import (
     check_ca_certificate,
     check_site_key,
     node_config_toml,
-    parse_server_address,
     read_site_file,
     resolve_state_dir,
 )
 from client.supernode_output import ConnectionContext, Diagnosis, OutputWatcher
 from shared.errors import ConfigError, SkinFLError
+from shared.network import parse_server_address
 from shared.version import add_version_option
 
 NODE_CONFIG_FILE = "node-config.toml"

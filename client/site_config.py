@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import re
 import stat
 import tomllib
 from pathlib import Path
@@ -21,8 +19,6 @@ from shared.privacy.site_policy import SitePrivacyPolicy
 
 DEFAULT_SUPERNODE_PORT = 9094
 """Flower's default port of the SuperNode's local runtime API; two sites on one machine need two."""
-_HOST_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOST_NAME = re.compile(rf"^{_HOST_LABEL}(\.{_HOST_LABEL})*$")
 
 
 def _kebab(name: str) -> str:
@@ -112,9 +108,29 @@ def read_site_file(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"site config file {path} does not exist; start from deploy/sites/example-site.toml.")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path} is not valid TOML ({error}); compare it with deploy/sites/example-site.toml.") from error
+    return _paths_relative_to(values, path.resolve().parent)
+
+
+FILE_PATH_KEYS = ("ca-cert", "site-key", "state-dir", "data.dir", "data.cache-dir", "data.feedback-store")
+"""Keys of a site file that name files or folders; a relative one is taken from the file's own folder."""
+
+
+def _paths_relative_to(values: dict, folder: Path) -> dict:
+    """`values` with every relative path of FILE_PATH_KEYS made absolute from `folder` (as a start-up kit's site.toml needs)."""
+    for key in FILE_PATH_KEYS:
+        *parents, name = key.split(".")
+        table = values
+        for parent in parents:
+            table = table.get(parent) if isinstance(table, dict) else None
+        if not isinstance(table, dict) or not isinstance(table.get(name), str) or not table[name]:
+            continue
+        value = Path(table[name])
+        if not value.is_absolute() and not table[name].startswith("~"):
+            table[name] = str(folder / value)
+    return values
 
 
 def build_site_settings(file_values: dict, overrides: dict, source: str) -> SiteSettings:
@@ -137,28 +153,6 @@ def build_site_settings(file_values: dict, overrides: dict, source: str) -> Site
             f"site settings from {source} are incomplete or invalid: {problems}. Give them in the site config file "
             "(see deploy/sites/example-site.toml) or as options (skin-fl-client --help)."
         ) from error
-
-
-def parse_server_address(address: str) -> tuple[str, int]:
-    """(host, port) of a host:port address, or an error saying how to write it."""
-    example = "e.g. fl.hospital-network.org:9443, 10.0.0.5:9443 or [2001:db8::5]:9443"
-    if "://" in address or "/" in address:
-        raise ConfigError(f"server address {address!r} must be host:port without a scheme or path ({example}).")
-    match = re.fullmatch(r"\[(?P<ipv6>[^\]\s]+)\]:(?P<port>\d{1,5})|(?P<host>[^:\[\]\s]+):(?P<port2>\d{1,5})", address)
-    if match is None:
-        raise ConfigError(f"server address {address!r} is not host:port ({example}); the port is the one skin-fl-server prints.")
-    host = match.group("ipv6") or match.group("host")
-    port = int(match.group("port") or match.group("port2"))
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"port {port} in server address {address!r} is not between 1 and 65535.")
-    if match.group("ipv6"):
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError as error:
-            raise ConfigError(f"{host!r} in server address {address!r} is not an IPv6 address ({example}).") from error
-    elif not _HOST_NAME.fullmatch(host):
-        raise ConfigError(f"{host!r} in server address {address!r} is not a valid host name or IPv4 address ({example}).")
-    return host, port
 
 
 def check_ca_certificate(path: Path | None) -> Path:

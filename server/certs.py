@@ -69,7 +69,7 @@ def init_credentials(
     if not site_names:
         raise ConfigError("No site given; name every hospital site with --site NAME (repeat --site for each).")
     planned = [CA_KEY, CA_CERT, SERVER_KEY, SERVER_CERT]
-    planned += [path for site in site_names for path in _site_paths(site)]
+    planned += [path for site in site_names for path in site_key_paths(site)]
     _refuse_overwrite(out_dir, planned, force)
     for site in site_names:
         _refuse_other_site_same_file(out_dir, site)
@@ -79,12 +79,12 @@ def init_credentials(
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = _server_certificate(server_key, names, ca_key, ca_cert, days)
 
-    _make_private_dir(out_dir)
+    make_private_dir(out_dir)
     written = [
-        _write(out_dir, CA_KEY, _pem_private_key(ca_key), secret=True),
-        _write(out_dir, CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM), secret=False),
-        _write(out_dir, SERVER_KEY, _pem_private_key(server_key), secret=True),
-        _write(out_dir, SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM), secret=False),
+        write_credential_file(out_dir, CA_KEY, _pem_private_key(ca_key), secret=True),
+        write_credential_file(out_dir, CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM), secret=False),
+        write_credential_file(out_dir, SERVER_KEY, _pem_private_key(server_key), secret=True),
+        write_credential_file(out_dir, SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM), secret=False),
     ]
     for site in site_names:
         written += _write_site_keys(out_dir, site)
@@ -101,7 +101,7 @@ def add_site(out_dir: Path, site: str, force: bool = False) -> list[WrittenFile]
                 f"'skin-fl-certs init --out {out_dir} --server-name HOST --site NAME'."
             )
     (site_name,) = _check_site_names([site])
-    _refuse_overwrite(out_dir, _site_paths(site_name), force)
+    _refuse_overwrite(out_dir, site_key_paths(site_name), force)
     _refuse_other_site_same_file(out_dir, site_name)
     written = _write_site_keys(out_dir, site_name)
     written.append(_write_readme(out_dir))
@@ -135,8 +135,8 @@ def renew_server(out_dir: Path, days: int = 365, server_names: Sequence[str] | N
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = _server_certificate(server_key, names, loaded, ca_cert, days)
     return [
-        _write(out_dir, SERVER_KEY, _pem_private_key(server_key), secret=True),
-        _write(out_dir, SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM), secret=False),
+        write_credential_file(out_dir, SERVER_KEY, _pem_private_key(server_key), secret=True),
+        write_credential_file(out_dir, SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM), secret=False),
     ]
 
 
@@ -157,7 +157,7 @@ def remove_site(out_dir: Path, site: str) -> list[Path]:
         raise ConfigError(
             f"{out_dir} holds no key of site {site!r}; its sites are: {', '.join(repr(name) for name in known) or 'none'}"
         )
-    removed = [out_dir / path for path in _site_paths(site) if (out_dir / path).exists()]
+    removed = [out_dir / path for path in site_key_paths(site) if (out_dir / path).exists()]
     for path in removed:
         path.unlink()
     _write_readme(out_dir)
@@ -176,7 +176,7 @@ def describe_credentials(out_dir: Path, written: Sequence[WrittenFile] = ()) -> 
     if written:
         lines.append(f"Written now: {', '.join(item.path for item in written)}")
     lines += [
-        f"Server certificate names: {', '.join(_san_strings(server_cert))}",
+        f"Server certificate names: {', '.join(names_in_certificate(server_cert))}",
         f"Certificates valid until {server_cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC",
         "",
         "Coordinator (runs skin-fl-server):",
@@ -247,6 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     renew.add_argument(
         "--server-name", action="append", help="host names or addresses (default: those of the current certificate)"
     )
+    kit = commands.add_parser(
+        "kit",
+        help="write each site's start-up kit (CA, node key, filled-in site.toml, README; folder and .tar.gz) under kits/",
+    )
+    kit.add_argument("--out", type=Path, required=True, help="the credentials folder made by 'init'")
+    kit.add_argument(
+        "--superlink", required=True, metavar="HOST:PORT",
+        help="the server's public address as sites reach it (a name of server.crt; the port skin-fl-server start listens on)",
+    )
+    kit.add_argument("--site", action="append", help="site name (repeat; default: every site of the folder)")
     remove = commands.add_parser(
         "remove-site", help="delete one site's key pair (then 'skin-fl-server sync-site-keys' revokes it at the coordinator)"
     )
@@ -270,6 +280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"coordinator accepts the key until it runs: skin-fl-server --state-dir STATE_DIR sync-site-keys "
                 f"--credentials {args.out}   (its next 'start' does the same)"
             )
+            return 0
+        elif args.command == "kit":
+            from server.startup_kit import describe_kits, write_startup_kits
+
+            written = write_startup_kits(args.out, args.superlink, args.site)
+            print(describe_kits(args.out, written), end="")
             return 0
         else:
             written = add_site(args.out, args.site, args.force)
@@ -330,7 +346,8 @@ def _check_site_names(sites: Sequence[str]) -> list[str]:
     return names
 
 
-def _site_paths(site: str) -> list[str]:
+def site_key_paths(site: str) -> list[str]:
+    """The private and public node-key files of `site`, relative to the credentials folder."""
     stem = site_file_stem(site)
     return [f"{SITES_DIR}/{stem}.key", f"{SITES_DIR}/{stem}.pub"]
 
@@ -443,7 +460,8 @@ def _server_certificate(
     return _validity(builder, days).sign(ca_key, hashes.SHA384())
 
 
-def _san_strings(certificate: x509.Certificate) -> list[str]:
+def names_in_certificate(certificate: x509.Certificate) -> list[str]:
+    """The host names and addresses a server certificate is valid for."""
     alternative_names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return [str(name.value) for name in alternative_names]
 
@@ -464,24 +482,25 @@ def _write_site_keys(out_dir: Path, site: str) -> list[WrittenFile]:
     public_bytes = node_key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    key_path, public_path = _site_paths(site)
-    _make_private_dir(out_dir / SITES_DIR)
+    key_path, public_path = site_key_paths(site)
+    make_private_dir(out_dir / SITES_DIR)
     return [
-        _write(out_dir, key_path, private_bytes, secret=True),
-        _write(out_dir, public_path, public_bytes + b" " + site.encode("utf-8") + b"\n", secret=False),
+        write_credential_file(out_dir, key_path, private_bytes, secret=True),
+        write_credential_file(out_dir, public_path, public_bytes + b" " + site.encode("utf-8") + b"\n", secret=False),
     ]
 
 
 def _write_readme(out_dir: Path) -> WrittenFile:
     # The listing is rebuilt from the files on disk, so it always names every site, old and new.
-    return _write(out_dir, README, describe_credentials(out_dir).encode("utf-8"), secret=False)
+    return write_credential_file(out_dir, README, describe_credentials(out_dir).encode("utf-8"), secret=False)
 
 
-def _make_private_dir(path: Path) -> None:
+def make_private_dir(path: Path) -> None:
+    """Create `path` (and its parents) readable by its owner only."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
-def _write(out_dir: Path, relative_path: str, content: bytes, secret: bool) -> WrittenFile:
+def write_credential_file(out_dir: Path, relative_path: str, content: bytes, secret: bool) -> WrittenFile:
     """Write a file through a temporary file created with its final mode, then move it into place."""
     target = out_dir / relative_path
     mode = PRIVATE_MODE if secret else PUBLIC_MODE

@@ -10,7 +10,8 @@ DISTRIBUTION = "skin-fl"
 REPORTED_LIBRARIES = (("Flower", "flwr"), ("torch", "torch"), ("timm", "timm"), ("Opacus", "opacus"))
 
 
-def _installed(distribution: str) -> str:
+def installed_version(distribution: str = DISTRIBUTION) -> str:
+    """The installed version of a distribution (skin-fl by default), or 'not installed'."""
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -19,8 +20,8 @@ def _installed(distribution: str) -> str:
 
 def version_text(program: str) -> str:
     """'skin-fl-sim 0.1.0 (Flower 1.41.0, torch 2.13.0, timm 1.0.31, Opacus 1.6.0, Python 3.11.7)'."""
-    libraries = ", ".join(f"{name} {_installed(distribution)}" for name, distribution in REPORTED_LIBRARIES)
-    own = _installed(DISTRIBUTION)
+    libraries = ", ".join(f"{name} {installed_version(distribution)}" for name, distribution in REPORTED_LIBRARIES)
+    own = installed_version(DISTRIBUTION)
     if own == "not installed":
         own = "(source tree, not installed: pip install -c constraints.txt -e .)"
     return f"{program} {own} ({libraries}, Python {platform.python_version()})"

@@ -21,12 +21,12 @@ from client.site_config import (
     check_ca_certificate,
     check_site_key,
     node_config_toml,
-    parse_server_address,
     read_site_file,
 )
 from client.supernode_output import ConnectionContext, OutputWatcher, classify_line
 from server.certs import init_credentials
 from shared.data.demo import write_demo_dataset
+from shared.network import parse_server_address
 from shared.device import usable_cpu_count
 from shared.errors import ConfigError
 
