@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy_harness import FAST_RUN_CONFIG, Deployment, free_port, read_json
+from deploy_harness import FAST_RUN_CONFIG, Deployment, read_json
 from server.certs import site_file_stem
 from server.deployment import _alive, descendants
 
@@ -19,20 +19,6 @@ RESILIENT_RUN = {**FAST_RUN_CONFIG, "num-server-rounds": 2, "min-sites": 1, "rou
 """Two rounds; one site is enough. A killed site is noticed by Flower's heartbeat check (about a minute),
 so the timeout is only a safety net."""
 STEP_TIMEOUT_S = 150
-
-
-def start_site_client(deployment: Deployment, site) -> object:
-    """`skin-fl-client` for a demo site, over TLS with its node key, through nginx's public port."""
-    stem = site_file_stem(site.name)
-    command = [
-        sys.executable, "-m", "client.cli", "--site", site.name,
-        "--superlink", f"127.0.0.1:{deployment.public_port}",
-        "--ca-cert", str(deployment.credentials / "ca.crt"),
-        "--site-key", str(deployment.credentials / "sites" / f"{stem}.key"),
-        "--data", str(site.data_dir), "--format", "folder", "--cache-dir", str(site.cache_dir),
-        "--state-dir", str(deployment.root / "client-state" / stem), "--supernode-port", str(free_port()),
-    ]
-    return deployment._spawn(command, f"client-{stem}.log")
 
 
 def kill_tree(process) -> None:
@@ -79,7 +65,7 @@ def test_a_killed_site_does_not_stop_the_run_and_a_killed_server_resumes_without
         deployment.make_credentials()
         deployment.make_site_data()
         deployment.start_server()
-        clients = [start_site_client(deployment, site) for site in deployment.sites]
+        clients = [deployment.start_site_from_kit(site) for site in deployment.sites]
         for site, client in zip(deployment.sites, clients):
             deployment.wait_for_output(f"client-{site_file_stem(site.name)}.log", "is connected", client, 60)
         beta = clients[1]

@@ -27,7 +27,7 @@ def test_four_natural_sites_learn_well_above_chance(tmp_path):
         [
             sys.executable, "-m", "simulation.cli",
             "--data", str(HAM10000_DIR), "--format", "ham10000", "--partition", "natural",
-            "--rounds", "2", "--image-size", "96",
+            "--rounds", "2", "--image-size", "64",
             # What is checked is the federation's own evaluation rounds; the handed-on model's refit is measured by skin-fl-bench.
             "--head-refit-steps", "0",
             "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
@@ -40,7 +40,8 @@ def test_four_natural_sites_learn_well_above_chance(tmp_path):
     assert sorted(final["evaluate_sites"]) == ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
     balanced_accuracy = final["evaluate"]["balanced-accuracy"]
     macro_auc = final["evaluate"]["macro-auc"]
-    print(f"HAM10000, 4 natural sites, 2 rounds at 96 px: balanced accuracy {balanced_accuracy:.3f}, macro AUC {macro_auc:.3f}")
-    # Measured on 2 cores: balanced accuracy 0.39-0.40 and macro AUC 0.73-0.74 after these 2 rounds.
+    print(f"HAM10000, 4 natural sites, 2 rounds at 64 px: balanced accuracy {balanced_accuracy:.3f}, macro AUC {macro_auc:.3f}")
+    # Measured on 2 cores: balanced accuracy 0.349 and macro AUC 0.643 after these 2 rounds at 64 px (at 96 px, which
+    # took twice as long: 0.39-0.40 and 0.73-0.74). Chance is 1/7 and an AUC of 0.5.
     assert balanced_accuracy > 2 * CHANCE
-    assert macro_auc > 0.70
+    assert macro_auc > 0.60
