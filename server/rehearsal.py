@@ -12,13 +12,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.certs import init_credentials, site_file_stem
 from server.deployment import StateLayout, descendants, run_flower_cli, stop_pids
-from server.round_summary import round_summary_line
+from server.round_summary import RoundFollower
 from server.run_config_file import read_run_config_values, write_run_config_file
 from server.startup_kit import KITS_DIR, SITE_CONFIG, write_startup_kits
 from shared.data.demo import write_demo_dataset
@@ -145,19 +145,24 @@ class LoopbackFederation:
         runs = reply.get("runs") or []
         return runs[0]["status"] if runs else "unknown"
 
-    def wait_for_run(self, run_id: str, timeout: float) -> str:
+    def wait_for_run(self, run_id: str, timeout: float, follow: Callable[[str], None] | None = None) -> str:
         """Wait until the run finishes; returns Flower's final status text.
 
         The run folder's final model marks the end cheaply; Flower's own status (a CLI process) is asked
-        only every few seconds, to notice a failed run.
+        only every few seconds, to notice a failed run. `follow` receives each round's summary line as it ends.
         """
+        follower = RoundFollower(self.layout.runs_dir) if follow is not None else None
         deadline = time.monotonic() + timeout
         status, next_status_check = "unknown", time.monotonic() + 15.0
         while time.monotonic() < deadline:
+            for line in follower.new_lines() if follower is not None else ():
+                follow(line)
             finished_folder = any(self.layout.runs_dir.glob(f"*-run-{run_id}/final_model.pt"))
             if finished_folder or time.monotonic() >= next_status_check:
                 status = self.run_status(run_id)
                 if status.startswith("finished"):
+                    for line in follower.new_lines() if follower is not None else ():
+                        follow(line)
                     return status
                 next_status_check = time.monotonic() + 15.0
             time.sleep(0.5)
@@ -236,7 +241,7 @@ def rehearse(folder: Path, sites: int, run_config: dict, timeout: float, say=pri
     """Run the whole rehearsal in `folder`; returns the finished run's folder (raises RehearsalFailed)."""
     names = tuple(f"Hospital {chr(ord('A') + index)}" for index in range(sites))
     started = time.monotonic()
-    with LoopbackFederation(folder, site_names=names, images_per_site=60) as federation:
+    with LoopbackFederation(folder, site_names=names, images_per_site=200) as federation:
         say(f"credentials: a CA, the server certificate for localhost and {_count(sites, 'site key')} in {federation.credentials}")
         federation.make_credentials()
         federation.make_site_data()
@@ -250,13 +255,11 @@ def rehearse(folder: Path, sites: int, run_config: dict, timeout: float, say=pri
         say(f"sites: {', '.join(names)} started from their start-up kits ({federation.credentials / KITS_DIR}) and connected")
         run_id = federation.submit(run_config)
         say(f"run {run_id} of {_count(run_config['num-server-rounds'], 'round')} submitted; waiting (up to {timeout:.0f} s)")
-        status = federation.wait_for_run(run_id, timeout)
+        status = federation.wait_for_run(run_id, timeout, follow=say)
         if status != "finished:completed":
             raise RehearsalFailed(f"run {run_id} ended {status!r}\n{federation.log_tails()}")
         run_folder = federation.run_folder(run_id)
         history = json.loads((run_folder / "history.json").read_text())["rounds"]
-        for entry in history:
-            say(round_summary_line(entry, len(history)))
         answered = {site for entry in history for site in entry.get("evaluate_sites", [])}
         if answered != set(names) or not (run_folder / "final_model.pt").is_file():
             raise RehearsalFailed(f"run {run_id} finished without every site's evaluation or a final model\n{federation.log_tails()}")

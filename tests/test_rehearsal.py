@@ -35,7 +35,7 @@ def test_the_rehearsal_finishes_a_run_through_nginx_from_start_up_kits_and_stops
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     lines = result.stdout.splitlines()
     assert any("Hospital A started from their start-up kits" in line and "connected" in line for line in lines), lines
-    assert any(line.startswith("skin-fl-rehearse: round 1/1: 1/1 sites") for line in lines), lines
+    assert any(line.startswith("skin-fl-rehearse: ") and " round 1/1: 1/1 sites" in line for line in lines), lines
     assert lines[-2].startswith("skin-fl-rehearse: rehearsal passed in") and lines[-1] == f"skin-fl-rehearse: folder kept: {workdir}"
     (run_folder,) = (workdir / "state" / "runs").iterdir()
     assert (run_folder / "final_model.pt").is_file()
