@@ -47,6 +47,10 @@ def test_loads_a_local_timm_weights_file_with_a_new_head(tmp_path):
         assert torch.equal(loaded[key], original[key]), key
     assert loaded["fc.weight"].shape[0] == 3
     assert loaded["fc.bias"].shape == (3,)
+    # The new classification layer starts at zero; a file that holds a head of the asked size keeps it.
+    assert not loaded["fc.weight"].any() and not loaded["fc.bias"].any()
+    same_size = build_classifier(ModelConfig(name="test_resnet", pretrained=str(path)), num_classes=10).state_dict()
+    assert torch.equal(same_size["fc.weight"], original["fc.weight"]) and original["fc.weight"].any()
 
 
 def test_weights_of_another_architecture_are_refused_with_the_fix(tmp_path):
@@ -74,10 +78,11 @@ def test_default_lite0_weights_are_the_packaged_imagenet_tensors():
             continue
         assert torch.equal(state[timm_key], package_tensor), timm_key
     assert state["classifier.weight"].shape == (7, 1280)
+    assert not state["classifier.weight"].any() and not state["classifier.bias"].any()
     with torch.no_grad():
         logits = model(torch.randn(2, 3, 64, 64))
     assert logits.shape == (2, 7)
-    assert torch.isfinite(logits).all()
+    assert torch.equal(logits, torch.zeros(2, 7)), "a new head gives every class the same score"
 
 
 def test_normalisation_comes_from_the_timm_data_config():
