@@ -41,7 +41,8 @@ def test_four_natural_sites_learn_well_above_chance(tmp_path):
     balanced_accuracy = final["evaluate"]["balanced-accuracy"]
     macro_auc = final["evaluate"]["macro-auc"]
     print(f"HAM10000, 4 natural sites, 2 rounds at 64 px: balanced accuracy {balanced_accuracy:.3f}, macro AUC {macro_auc:.3f}")
-    # Measured on 2 cores: balanced accuracy 0.349 and macro AUC 0.643 after these 2 rounds at 64 px (at 96 px, which
-    # took twice as long: 0.39-0.40 and 0.73-0.74). Chance is 1/7 and an AUC of 0.5.
+    # Measured on 2 cores: balanced accuracy 0.461 and macro AUC 0.809 after these 2 rounds at 64 px (0.349 and 0.643
+    # while the new classification layer started from timm's random draw; at 96 px then, twice as long: 0.39-0.40 and
+    # 0.73-0.74). Chance is 1/7 and an AUC of 0.5.
     assert balanced_accuracy > 2 * CHANCE
-    assert macro_auc > 0.60
+    assert macro_auc > 0.70
