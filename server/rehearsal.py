@@ -101,7 +101,7 @@ class LoopbackFederation:
             self.sites.append(Site(name, data_dir, self.root / "cache" / site_file_stem(name), threads))
 
     def start_server(self, extra: tuple[str, ...] = (), timeout: float = 90.0) -> None:
-        """`skin-fl-server start` on free loopback ports; returns once it says it is ready."""
+        """`skin-fl-server start` on free loopback ports; returns once it is ready and every site's start-up kit names it."""
         self.public_port, self.superlink_port = free_port(), free_port()
         command = [
             sys.executable, "-m", "server.cli", "--state-dir", str(self.state_dir), "start",
@@ -110,12 +110,11 @@ class LoopbackFederation:
         ]
         self.server = self._spawn(command, "server.log")
         self.wait_for_output("server.log", "skin-fl server ready", self.server, timeout)
+        write_startup_kits(self.credentials, f"localhost:{self.public_port}")
 
     def start_site_from_kit(self, site: Site) -> subprocess.Popen:
         """`skin-fl-client --config kits/<site>/site.toml --data ...`, as the site's IT starts it from its start-up kit."""
         stem = site_file_stem(site.name)
-        if not (self.credentials / KITS_DIR / stem / SITE_CONFIG).is_file():
-            write_startup_kits(self.credentials, f"localhost:{self.public_port}")
         command = [
             sys.executable, "-m", "client.cli", "--config", str(self.credentials / KITS_DIR / stem / SITE_CONFIG),
             "--data", str(site.data_dir), "--format", "folder", "--cache-dir", str(site.cache_dir),
@@ -152,17 +151,20 @@ class LoopbackFederation:
         only every few seconds, to notice a failed run. `follow` receives each round's summary line as it ends.
         """
         follower = RoundFollower(self.layout.runs_dir) if follow is not None else None
+
+        def report_new_rounds() -> None:
+            for line in follower.new_lines() if follower is not None else ():
+                follow(line)
+
         deadline = time.monotonic() + timeout
         status, next_status_check = "unknown", time.monotonic() + 15.0
         while time.monotonic() < deadline:
-            for line in follower.new_lines() if follower is not None else ():
-                follow(line)
+            report_new_rounds()
             finished_folder = any(self.layout.runs_dir.glob(f"*-run-{run_id}/final_model.pt"))
             if finished_folder or time.monotonic() >= next_status_check:
                 status = self.run_status(run_id)
                 if status.startswith("finished"):
-                    for line in follower.new_lines() if follower is not None else ():
-                        follow(line)
+                    report_new_rounds()
                     return status
                 next_status_check = time.monotonic() + 15.0
             time.sleep(0.5)
@@ -248,7 +250,6 @@ def rehearse(folder: Path, sites: int, run_config: dict, timeout: float, say=pri
         say(f"data: {federation.images_per_site} generated images per site (no patient data) in {folder / 'data'}")
         federation.start_server()
         say(f"server: nginx on 127.0.0.1:{federation.public_port} (TLS 1.3, node keys), SuperLink on loopback")
-        write_startup_kits(federation.credentials, f"localhost:{federation.public_port}")
         clients = [federation.start_site_from_kit(site) for site in federation.sites]
         for site, client in zip(federation.sites, clients):
             federation.wait_for_output(f"client-{site_file_stem(site.name)}.log", "is connected", client, 120)
