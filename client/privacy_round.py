@@ -10,6 +10,7 @@ import json
 
 from shared.config import RunConfig
 from shared.privacy.accounting import PrivacyLedger
+from shared.privacy.site_policy import SitePrivacyPolicy
 from shared.protocol import LEDGER_KEY, PRIVATE_SITES_KEY
 from shared.privacy.training import PrivateTrainResult, train_privately
 
@@ -21,11 +22,13 @@ def ledger_id_of(message: Message, context: Context) -> str:
 
 
 def open_site_ledger(source, context: Context, message: Message, site: str, run: RunConfig) -> PrivacyLedger:
-    """This site's ledger of the message's run, in the site's own privacy folder; must exist when the coordinator saw it train privately."""
+    """This site's ledger of the message's run, in the site's own privacy folder; must exist when the coordinator saw it
+    train privately; it carries the site policy's lifetime cap (with the other runs' recorded steps)."""
     config = message.content["config"]
     recorded = json.loads(str(config[PRIVATE_SITES_KEY])) if PRIVATE_SITES_KEY in config else []
     return PrivacyLedger.open(
-        source.privacy_state_dir(context), site, ledger_id_of(message, context), run.privacy.target_delta, must_exist=site in recorded
+        source.privacy_state_dir(context), site, ledger_id_of(message, context), run.privacy.target_delta,
+        must_exist=site in recorded, lifetime_epsilon=SitePrivacyPolicy.from_node_config(context.node_config).lifetime_epsilon,
     )
 
 

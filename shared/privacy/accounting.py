@@ -170,24 +170,59 @@ class RoundSchedule:
         return (self.noise_multiplier, self.sample_rate, self.steps)
 
 
+def _ledger_payload(path: Path, site: str) -> dict:
+    """A ledger file's contents, checked to be `site`'s ledger; unreadable is an error, never zero."""
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise PrivacyLedgerError(
+            f"privacy ledger {path} is unreadable ({error}); it records the budget this site already spent, so "
+            "training stops rather than restart the count; restore the file from a backup"
+        ) from error
+    if not isinstance(payload, dict) or payload.get("format") != LEDGER_FORMAT or payload.get("site") != site:
+        raise ConfigError(f"{path} is not the privacy ledger of site {site!r}; move it away only if it belongs to another site")
+    return payload
+
+
+def _history_of(rounds: list[dict]) -> list[tuple[float, float, int]]:
+    return [(entry["noise_multiplier"], entry["sample_rate"], entry["steps"]) for entry in rounds]
+
+
 @dataclass
 class PrivacyLedger:
-    """A site's record of every DP-SGD round it ran in one federated run, kept in a JSON file at the site."""
+    """A site's record of every DP-SGD round it ran in one federated run, kept in a JSON file at the site.
+
+    With a `lifetime_epsilon` (the site's own cap over all its runs), the ledger also holds the
+    steps of every other run recorded in the site's privacy folder, composed with this run's in
+    `lifetime_epsilon_after`.
+    """
 
     path: Path
     site: str
     delta: float
     rounds: list[dict] = field(default_factory=list)
+    lifetime_epsilon: float | None = None
+    other_runs_history: list[tuple[float, float, int]] = field(default_factory=list)
 
     @classmethod
-    def open(cls, state_dir: Path, site: str, ledger_id: str, delta: float, *, must_exist: bool = False) -> PrivacyLedger:
+    def open(
+        cls, state_dir: Path, site: str, ledger_id: str, delta: float, *, must_exist: bool = False,
+        lifetime_epsilon: float | None = None,
+    ) -> PrivacyLedger:
         """The ledger of `site` for the run `ledger_id` under `state_dir` (empty when the run is new).
 
         `must_exist`: the coordinator's records show this site already trained privately in the
         run, so a missing file is an error (a wiped or restored disk must not reset the budget).
+        `lifetime_epsilon`: the site's cap over every run; the other runs' ledgers beside this one
+        are read (an unreadable one is an error: it holds spent budget).
         """
         safe = lambda text: re.sub(r"[^A-Za-z0-9._-]+", "_", text)  # noqa: E731 - one-line file-name filter
         path = Path(state_dir) / safe(site) / f"{safe(ledger_id)}.json"
+        others = []
+        if lifetime_epsilon is not None and path.parent.is_dir():
+            for other in sorted(path.parent.glob("*.json")):
+                if other != path:
+                    others += _history_of(_ledger_payload(other, site)["rounds"])
         if not path.exists():
             if must_exist:
                 raise PrivacyLedgerError(
@@ -195,22 +230,14 @@ class PrivacyLedger:
                     f"privately in run {ledger_id!r}; restore the file from a backup (or point the node config's "
                     "privacy-dir at the folder that holds it); the budget is not restarted from zero"
                 )
-            return cls(path, site, delta)
-        try:
-            payload = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise PrivacyLedgerError(
-                f"privacy ledger {path} is unreadable ({error}); it records the budget this site already spent, so "
-                "training stops rather than restart the count; restore the file from a backup"
-            ) from error
-        if payload.get("format") != LEDGER_FORMAT or payload.get("site") != site:
-            raise ConfigError(f"{path} is not the privacy ledger of site {site!r}; move it away only if it belongs to another site")
+            return cls(path, site, delta, lifetime_epsilon=lifetime_epsilon, other_runs_history=others)
+        payload = _ledger_payload(path, site)
         if float(payload["delta"]) != float(delta):
             raise ConfigError(
                 f"privacy ledger {path} accounts at delta {payload['delta']}, this run asks for delta {delta}; "
                 "keep target_delta unchanged within a run (resume with the same settings)"
             )
-        return cls(path, site, float(payload["delta"]), list(payload["rounds"]))
+        return cls(path, site, float(payload["delta"]), list(payload["rounds"]), lifetime_epsilon, others)
 
     def released(self, round_label: str) -> dict | None:
         """The entry of an earlier release named `round_label` (its noisy values), or None when there was none."""
@@ -219,7 +246,11 @@ class PrivacyLedger:
     @property
     def history(self) -> list[tuple[float, float, int]]:
         """Every round's (noise multiplier, sample rate, steps), as the RDP accountant takes them."""
-        return [(entry["noise_multiplier"], entry["sample_rate"], entry["steps"]) for entry in self.rounds]
+        return _history_of(self.rounds)
+
+    def lifetime_epsilon_after(self, entries: list[tuple[float, float, int]]) -> float:
+        """Epsilon at this run's delta of every run's recorded steps at the site plus `entries` (RDP composition)."""
+        return epsilon_of(self.other_runs_history + self.history + list(entries), self.delta)
 
     @property
     def epsilon(self) -> float:

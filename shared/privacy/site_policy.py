@@ -1,4 +1,4 @@
-"""A site's own privacy policy: the largest epsilon it accepts and whether it joins only private runs."""
+"""A site's own privacy policy: the largest epsilon a run and all runs together may spend, and whether it joins only private runs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from shared.config import RunConfig, StrictModel
 from shared.errors import ConfigError
 
 NODE_CONFIG_PREFIX = "privacy-"
-"""The policy travels to the ClientApp in the node config as `privacy-max-epsilon` and `privacy-required-mode`."""
+"""The policy travels to the ClientApp in the node config as `privacy-max-epsilon`, `privacy-lifetime-epsilon` and
+`privacy-required-mode`."""
+NODE_CONFIG_KEYS = ("privacy-max-epsilon", "privacy-lifetime-epsilon", "privacy-required-mode")
 
 
 class PrivacyPolicyRefused(ConfigError):
@@ -29,6 +31,13 @@ class SitePrivacyPolicy(StrictModel):
     max_epsilon: float | None = Field(
         None, gt=0, description="Largest epsilon (at the run's delta) a run may spend on this site's images; set: only local-DP runs with a target epsilon at most this join."
     )
+    lifetime_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="Largest epsilon all runs together may spend on this site's images: the steps recorded in every "
+        "ledger of the site's privacy folder, composed (RDP) at the run's delta; set: only local-DP runs join, and a "
+        "round that would pass it is refused before its first step.",
+    )
     required_mode: Literal["any", "local"] = Field(
         "any", description="'local': join only runs with DP-SGD at every site (privacy.mode 'local'); 'any': any run."
     )
@@ -39,7 +48,7 @@ class SitePrivacyPolicy(StrictModel):
         values = {
             key.removeprefix(NODE_CONFIG_PREFIX): value
             for key, value in dict(node_config).items()
-            if key in ("privacy-max-epsilon", "privacy-required-mode")
+            if key in NODE_CONFIG_KEYS
         }
         return cls.model_validate(values)
 
@@ -48,6 +57,8 @@ class SitePrivacyPolicy(StrictModel):
         values: dict[str, str | float] = {}
         if self.max_epsilon is not None:
             values["privacy-max-epsilon"] = float(self.max_epsilon)
+        if self.lifetime_epsilon is not None:
+            values["privacy-lifetime-epsilon"] = float(self.lifetime_epsilon)
         if self.required_mode != "any":
             values["privacy-required-mode"] = self.required_mode
         return values
@@ -57,6 +68,11 @@ class SitePrivacyPolicy(StrictModel):
         privacy = run.privacy
         if self.required_mode == "local" and not privacy.local:
             return f"the site joins only runs with privacy.mode 'local' (DP-SGD at every site); this run has {privacy.mode!r}"
+        if self.lifetime_epsilon is not None and not privacy.local:
+            return (
+                f"the site caps the epsilon of all its runs at {self.lifetime_epsilon}, and a run with privacy.mode "
+                f"{privacy.mode!r} has no bound at the site"
+            )
         if self.max_epsilon is None:
             return None
         if not privacy.local:

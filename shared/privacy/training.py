@@ -23,6 +23,7 @@ from shared.models.classifier import model_normalisation
 from shared.precision import Precision
 from shared.privacy.accounting import PrivacyBudgetExceeded, PrivacyLedger, RoundSchedule, epsilon_of
 from shared.privacy.head_training import train_private_head
+from shared.privacy.site_policy import PrivacyPolicyRefused
 from shared.privacy.model_preparation import grad_sample_mode_for, is_prepared_for_privacy
 from shared.privacy.per_sample_gradients import install_fast_per_sample_gradients
 from shared.training import TrainResult, inverse_frequency_weights, log_class_prior, place_model, set_cosine_step_rate
@@ -116,13 +117,22 @@ def refuse_past_budget(
     """Raise PrivacyBudgetExceeded, before any step, when `schedule` (after the releases `released_first`, as
     accountant entries) would take the site past the run's epsilon."""
     budget = run.privacy.target_epsilon
-    epsilon_after = epsilon_of(ledger.history + list(released_first) + [schedule.entry()], ledger.delta)
+    planned = list(released_first) + [schedule.entry()]
+    epsilon_after = epsilon_of(ledger.history + planned, ledger.delta)
     if budget is not None and epsilon_after > budget + 1e-9:
         raise PrivacyBudgetExceeded(
             f"{ledger.site}: {what} would raise the spent epsilon from {ledger.epsilon:.3f} to {epsilon_after:.3f}, "
             f"past the budget {budget}; the run must stop here (raise privacy.target_epsilon or start a new run "
             "to train further)"
         )
+    if ledger.lifetime_epsilon is not None:
+        lifetime_after = ledger.lifetime_epsilon_after(planned)
+        if lifetime_after > ledger.lifetime_epsilon + 1e-9:
+            raise PrivacyPolicyRefused(
+                f"{ledger.site}: {what} would take the epsilon spent on this site's images over all its runs to "
+                f"{lifetime_after:.3f} (delta {ledger.delta:g}), past the site's lifetime cap {ledger.lifetime_epsilon}; "
+                "the site trains no further under this cap (only the site's own [privacy] lifetime-epsilon can change it)"
+            )
 
 
 def record_steps_taken(ledger: PrivacyLedger, round_label: int | str, schedule: RoundSchedule, engine) -> None:
