@@ -11,7 +11,7 @@ from shared.calibration import TEMPERATURES, summed_negative_log_likelihoods
 from shared.local_training import logits_on_images, precision_for
 from shared.config import RoundInstructions
 from shared.errors import ConfigError
-from shared.head_refit import site_head_gradient
+from shared.top_refit import site_refit_gradient
 from shared.prior_correction import soft_confusion
 from shared.protocol import (
     BATCH_NORM_ACTION,
@@ -70,7 +70,7 @@ def register_model_queries(app: ClientApp, source) -> None:
         if run.privacy.mode != "off":
             raise ConfigError("a head-refit gradient is not accounted by the privacy budget; this site sends none in a private run")
         train_images, _ = round_training_images(received, source, context)
-        answer = site_head_gradient(
+        answer = site_refit_gradient(run.federation.refit_layers)(
             model, train_images, site.images.select("val"), instructions.federation_class_counts,
             device=device, precision=precision_for(model, run.train, device, run.preprocess.image_size),
             cache_dir=source.feature_cache_dir(context),

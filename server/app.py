@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.calibration import calibrate_handed_on_model
-from server.head_refit import refit_classification_layer
+from server.head_refit import refit_handed_on_layers
 from server.prior_correction import correct_class_prior
 from server.checkpoint import CheckpointWriter
 from server.gan_phase import feature_classifier_for, run_gan_phase
@@ -30,7 +30,7 @@ from server.run_config_file import RESUME_KEY
 from server.strategy import build_strategy
 from shared.config import RunConfig, run_config_from_flower
 from shared.console import configure_console
-from shared.head_refit import head_parameter_names
+from shared.models.model_cut import cut_model
 from shared.local_training import seed_everything
 from shared.models.classifier import build_classifier
 from shared.privacy.model_preparation import prepare_for_private_training
@@ -73,7 +73,7 @@ def run_federation(
     if run.privacy.mode != "off":
         prepare_for_private_training(model, run.privacy.prepared_stages)
     if run.head_refit_steps():
-        head_parameter_names(model)  # a model the refit cannot take is refused before training, not after it
+        cut_model(model, run.federation.refit_layers)  # a model the refit cannot take is refused before training, not after it
     history = MetricHistory(run_folder) if resume is None else restore_history(resume)
     if run.gan.active and gan_phase_needed(resume):
         run_gan_phase(grid, run, run_folder, feature_classifier_for(run, model), num_sites=num_sites)
@@ -109,7 +109,7 @@ def run_federation(
             selection["selected_round"] = selected
             logger.info("skin-fl hands on round %d's model (best validation balanced accuracy over the sites)", selected)
     if run.head_refit_steps():
-        final_arrays, refit = refit_classification_layer(grid, run, final_arrays, model)
+        final_arrays, refit = refit_handed_on_layers(grid, run, final_arrays, model)
         selection["head_refit"] = refit
     if run.federation.calibrate:
         final_arrays, temperature = calibrate_handed_on_model(grid, run, final_arrays, model)

@@ -182,11 +182,16 @@ class FederationConfig(StrictModel):
         None,
         ge=0,
         le=1000,
-        description="Refit the handed-on model's classification layer over the sites' training features, class-balanced "
-        "over the federation, in about this many L-BFGS evaluations (each one query; the sites send the layer's summed "
-        "loss and gradient and validation confusion counts; the refitted layer is kept unless it scores below the "
-        "trained one on validation). 0: off. None: 30 in runs without privacy, off in private runs (the gradients "
-        "are not accounted).",
+        description="Refit the handed-on model's top (refit_layers) over the sites' training images, class-balanced "
+        "over the federation, in this many steps (each one query; the sites send the layers' summed loss and gradient "
+        "and validation confusion counts; the refitted layers are kept unless they score below the trained ones on "
+        "validation). 0: off. None: 30 in runs without privacy, off in private runs (the gradients are not accounted).",
+    )
+    refit_layers: Literal["classification-layer", "last-stage"] = Field(
+        "classification-layer",
+        description="What the refit trains: 'classification-layer' (that layer alone, L-BFGS) or 'last-stage' (the last "
+        "block stage, head convolution and BatchNorm with the classification layer; full-batch Adam steps over the "
+        "sites' cached activations, each step one query; measured in README, not the default).",
     )
     batch_norm: Literal["average", "recalibrate"] = Field(
         "average",
@@ -600,6 +605,7 @@ FLOWER_RUN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "calibrate": ("federation", "calibrate"),
     "prior-correction": ("federation", "prior_correction"),
     "head-refit-steps": ("federation", "head_refit_steps"),
+    "refit-layers": ("federation", "refit_layers"),
     "model": ("model", "name"),
     "pretrained": ("model", "pretrained"),
     "image-size": ("preprocess", "image_size"),

@@ -83,6 +83,13 @@ def summed_head_gradient(
     return loss, (residual.T @ features).numpy(), residual.sum(0).numpy(), float(per_image.sum())
 
 
+def federation_class_weights(train_images: CachedImages, federation_class_counts: list[int] | None) -> np.ndarray:
+    """Per-image loss weight of each class by the federation's counts (a class the census missed, by the site's own)."""
+    own = train_images.class_counts()
+    federation = federation_class_counts or [0] * len(train_images.classes)
+    return balanced_class_weights([max(int(total), int(count)) for total, count in zip(federation, own)])
+
+
 def confusion_counts(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
     """Counts of (true class, predicted class) pairs: rows are true classes."""
     predicted = logits.argmax(dim=1).long().cpu()
@@ -116,9 +123,7 @@ def site_head_gradient(
     The features of the frozen part are computed once per network (see shared.models.frozen_features).
     """
     num_classes = len(train_images.classes)
-    own = train_images.class_counts()
-    federation = federation_class_counts or [0] * num_classes
-    weights = balanced_class_weights([max(int(total), int(count)) for total, count in zip(federation, own)])
+    weights = federation_class_weights(train_images, federation_class_counts)
     weight_name, bias_name = head_parameter_names(model)
     head = model.get_classifier()
     features = frozen_features(model, train_images, device=device, precision=precision, cache_dir=cache_dir)
@@ -145,20 +150,37 @@ class FederationGradient:
     validation_confusion: np.ndarray
 
 
-def summed_answers(answers: Sequence[SiteAnswer], weight_name: str, bias_name: str, num_classes: int) -> FederationGradient:
-    """What the sites' answers at one layer add up to (zeros without answers)."""
+@dataclass(frozen=True)
+class SummedAnswers:
+    """What the sites' answers at one set of layer weights sum to, gradient by parameter name."""
+
+    loss: float
+    gradient: dict[str, np.ndarray]
+    summed_image_weight: float
+    validation_confusion: np.ndarray
+
+
+def sum_answers(answers: Sequence[SiteAnswer], names: Sequence[str], num_classes: int) -> SummedAnswers:
+    """The sum of the sites' answers (zeros without answers)."""
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    weight_gradient, bias_gradient = 0.0, 0.0
+    gradient: dict[str, np.ndarray | float] = {name: 0.0 for name in names}
     for answer in answers:
         confusion += np.reshape(np.asarray(answer.validation_confusion, dtype=np.int64), (num_classes, num_classes))
-        weight_gradient = weight_gradient + answer.gradient[weight_name].astype(np.float64)
-        bias_gradient = bias_gradient + answer.gradient[bias_name].astype(np.float64)
-    return FederationGradient(
+        for name in names:
+            gradient[name] = gradient[name] + answer.gradient[name].astype(np.float64)
+    return SummedAnswers(
         sum(answer.loss for answer in answers),
-        np.asarray(weight_gradient),
-        np.asarray(bias_gradient),
+        {name: np.asarray(value) for name, value in gradient.items()},
         sum(answer.image_weight for answer in answers),
         confusion,
+    )
+
+
+def summed_answers(answers: Sequence[SiteAnswer], weight_name: str, bias_name: str, num_classes: int) -> FederationGradient:
+    """What the sites' answers at one classification layer add up to (zeros without answers)."""
+    summed = sum_answers(answers, (weight_name, bias_name), num_classes)
+    return FederationGradient(
+        summed.loss, summed.gradient[weight_name], summed.gradient[bias_name], summed.summed_image_weight, summed.validation_confusion
     )
 
 

@@ -33,10 +33,12 @@ from shared.local_training import (
     site_round_seed,
     train_on_images,
 )
-from shared.head_refit import FederationGradient, head_parameter_names, refit_head, set_head, site_head_gradient, summed_answers
+from shared.head_refit import SummedAnswers, sum_answers
 from shared.metrics import classification_metrics
 from shared.models.frozen_features import frozen_features
 from shared.models.classifier import build_classifier
+from shared.models.model_cut import cut_model
+from shared.top_refit import refit_layers, site_refit_gradient
 from shared.prior_correction import PRIOR_STEPS, offset_step, soft_confusion
 from shared.personalisation import personalise
 from shared.weights import load_arrays_into, model_to_arrays
@@ -175,38 +177,43 @@ class ArmContext:
         }
 
     def _head_refitted(self, model: nn.Module) -> tuple[nn.Module, dict]:
-        """A copy of `model` with its classification layer refitted as a run's sites and server refit it, and the refit's figures.
+        """A copy of `model` with its top (`federation.refit_layers`) refitted as a run's sites and server refit it, and the refit's figures.
 
-        The sum of the sites' gradients is computed site by site (shared.head_refit.site_head_gradient,
+        The sum of the sites' gradients is computed site by site (shared.top_refit.site_refit_gradient,
         the sites' own call); test figures of every step are recorded beside the validation ones.
         """
+        layers = self.run.federation.refit_layers
         precision = precision_for(model, self.run.train, self.device, self.run.preprocess.image_size)
-        weight_name, bias_name = head_parameter_names(model)
         refitted = copy.deepcopy(model)
-        test_features = frozen_features(model, self.pooled_test, device=self.device, precision=precision)
+        cut = cut_model(refitted, layers)
+        test_activations = frozen_features(model, self.pooled_test, device=self.device, precision=precision, cut=cut_model(model, layers))
         test_labels = np.asarray(self.pooled_test.labels)
         test_by_query = []
         splits = [(images.select("train"), images.select("val")) for images in self.sites.values()]
+        site_gradient = site_refit_gradient(layers)
+        base = model_to_arrays(model)
 
-        def gradient_at(weight: np.ndarray, bias: np.ndarray) -> FederationGradient:
-            set_head(refitted, weight, bias)
+        def sums_at(values: dict[str, np.ndarray]) -> SummedAnswers:
+            load_arrays_into(refitted, {**base, **values})
             answers = [
-                site_head_gradient(refitted, train, val, self.federation_class_counts, device=self.device, precision=precision)
+                site_gradient(refitted, train, val, self.federation_class_counts, device=self.device, precision=precision)
                 for train, val in splits
             ]
-            logits = test_features.double() @ torch.as_tensor(weight, dtype=torch.float64).T + torch.as_tensor(bias, dtype=torch.float64)
+            refitted.eval()
+            with torch.no_grad():
+                logits = torch.cat([cut.top(chunk.to(self.device)).float().cpu() for chunk in test_activations.split(1024)])
             test = classification_metrics(test_labels, logits.softmax(dim=1).numpy(), self.run.classes)
             test_by_query.append(test["balanced_accuracy"])
-            return summed_answers(answers, weight_name, bias_name, len(self.run.classes))
+            return sum_answers(answers, cut.trained_names, len(self.run.classes))
 
-        base = model_to_arrays(model)
-        result = refit_head(base[weight_name], base[bias_name], gradient_at, steps=self.run.head_refit_steps())
-        set_head(refitted, result.weight, result.bias)
+        result = refit_layers(layers, model, base, sums_at, steps=self.run.head_refit_steps())
+        load_arrays_into(refitted, {**base, **result.layers})
         refitted_test = evaluate_on_images(
             refitted, self.pooled_test, batch_size=self.run.train.batch_size * 2, device=self.device, precision=precision
         )
         return refitted, {
             "refitted": result.refitted,
+            "layers": layers,
             "val_balanced_accuracy_by_query": result.validation_balanced_accuracy,
             "test_balanced_accuracy_by_query": test_by_query,
             "refitted_test": {name: refitted_test[name] for name in REPORTED_METRICS},

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps of the classification layer's refit a run takes before calibration (0: none; the table shows both)",
     )
     parser.add_argument(
+        "--refit-layers", choices=["classification-layer", "last-stage"], default=federation.refit_layers,
+        help="what the refit trains (the table's 'head refit' columns): the classification layer, or the last stage with it",
+    )
+    parser.add_argument(
         "--personalise-epochs", type=float, default=1.0, help="passes of each site's fine-tune in the personalised arm"
     )
     parser.add_argument("--personalise-lr", type=float, default=ReportConfig().personalise_learning_rate)
@@ -103,6 +107,7 @@ def bench_run_config(args: argparse.Namespace, classes: list[str], seed: int) ->
                 server_momentum=args.server_momentum,
                 batch_norm=args.batch_norm,
                 head_refit_steps=args.head_refit_steps,
+                refit_layers=args.refit_layers,
                 min_sites=1,
             ),
             report=ReportConfig(personalise_epochs=args.personalise_epochs, personalise_learning_rate=args.personalise_lr),

@@ -104,8 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--head-refit-steps",
         type=int,
-        help="refit the handed-on model's classification layer over the sites' features in this many steps "
+        help="refit the handed-on model's classification layer (or --refit-layers) over the sites' training images in this many steps "
         "(default: 30 without privacy, 0 = off; private runs allow only 0)",
+    )
+    model.add_argument(
+        "--refit-layers",
+        choices=["classification-layer", "last-stage"],
+        default=FederationConfig().refit_layers,
+        help="what the refit trains: the classification layer, or the last block stage with the head convolution and that layer",
     )
     model.add_argument("--fraction-train", type=float, default=1.0, help="fraction of sites that train each round")
     model.add_argument(
@@ -187,6 +193,7 @@ def run_config_from_args(args: argparse.Namespace, classes: list[str], device_im
                 batch_norm=args.batch_norm,
                 prior_correction=args.prior_correction,
                 head_refit_steps=args.head_refit_steps,
+                refit_layers=args.refit_layers,
                 fraction_train=args.fraction_train,
                 min_sites=1,
             ),

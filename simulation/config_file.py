@@ -23,6 +23,7 @@ KEY_TO_OPTION = {
     "batch-norm": "batch_norm",
     "prior-correction": "prior_correction",
     "head-refit-steps": "head_refit_steps",
+    "refit-layers": "refit_layers",
     "model": "model",
     "pretrained": "pretrained",
     "image-size": "image_size",

@@ -15,6 +15,7 @@ from shared.head_refit import (
     refit_head,
     summed_head_gradient,
 )
+from shared.models.model_cut import cut_model
 from fake_grid import FeatureClassifier, error_reply, site_reply, use_plain_messages
 
 CLASSES = ["a", "b", "c"]
@@ -144,6 +145,8 @@ def test_head_names_come_from_the_model_and_a_model_without_a_linear_head_is_ref
     assert head_parameter_names(model) == ("fc.weight", "fc.bias")
     with pytest.raises(ModelError, match="head_refit_steps 0"):
         head_parameter_names(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ModelError, match="refit-layers"):
+        cut_model(FeatureClassifier(2, 3), "last-stage")
 
 
 class _SitesGrid:
@@ -192,7 +195,7 @@ class _SitesGrid:
 def test_the_server_takes_the_census_then_queries_the_sites_and_hands_on_the_refitted_layer(monkeypatch):
     from flwr.app import Array, ArrayRecord
 
-    from server.head_refit import refit_classification_layer
+    from server.head_refit import refit_handed_on_layers
     from shared.config import RunConfig
     from shared.weights import model_to_arrays
 
@@ -209,7 +212,7 @@ def test_the_server_takes_the_census_then_queries_the_sites_and_hands_on_the_ref
         model.classifier.bias.copy_(torch.tensor([0.0, 0.0, -5.0]))
     arrays = ArrayRecord({name: Array(value) for name, value in model_to_arrays(model).items()})
     run = RunConfig(classes=CLASSES, federation={"head_refit_steps": 10})
-    refitted, refit = refit_classification_layer(grid, run, arrays, model)
+    refitted, refit = refit_handed_on_layers(grid, run, arrays, model)
     assert grid.kinds[:2] == ["query.class_counts"] * 2
     queries = len(refit["validation_balanced_accuracy"])
     assert 2 <= queries <= 13 and grid.kinds[2:] == ["query.head_gradient"] * 2 * queries
@@ -231,14 +234,14 @@ class _SilentGrid:
 def test_without_answers_the_run_hands_on_the_layer_as_trained(monkeypatch):
     from flwr.app import Array, ArrayRecord
 
-    from server.head_refit import refit_classification_layer
+    from server.head_refit import refit_handed_on_layers
     from shared.config import RunConfig
     from shared.weights import model_to_arrays
 
     use_plain_messages(monkeypatch)
     model = FeatureClassifier(2, 3)
     arrays = ArrayRecord({name: Array(value) for name, value in model_to_arrays(model).items()})
-    handed_on, refit = refit_classification_layer(_SilentGrid(), RunConfig(classes=CLASSES), arrays, model)
+    handed_on, refit = refit_handed_on_layers(_SilentGrid(), RunConfig(classes=CLASSES), arrays, model)
     assert handed_on is arrays and refit is None
 
 

@@ -15,6 +15,7 @@ from shared.data.cache import CachedImages
 from shared.data.loading import make_eval_loader
 from shared.data.transforms import build_eval_transform
 from shared.models.classifier import model_normalisation
+from shared.models.model_cut import ModelCut, cut_model
 from shared.precision import Precision
 from shared.training import logits_and_labels
 
@@ -23,23 +24,12 @@ CACHED_SITES = 16
 _cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
 
-class _PreLogits(nn.Module):
-    """A timm classifier cut before its classification layer: pooled features, in eval mode."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
-
-
-def frozen_part_fingerprint(model: nn.Module) -> str:
-    """A digest of every weight and statistic outside the classification layer: equal digests, equal features."""
-    classifier = {id(parameter) for parameter in model.get_classifier().parameters()}
+def frozen_part_fingerprint(model: nn.Module, cut: ModelCut | None = None) -> str:
+    """A digest of every weight and statistic below the cut (default: outside the classification layer): equal digests, equal features."""
+    top = (cut or cut_model(model, "classification-layer")).top_state_names
     digest = hashlib.sha1()
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in classifier:
+        if name in top:
             continue
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -60,8 +50,10 @@ def frozen_features(
     precision: Precision,
     batch_size: int = 128,
     cache_dir: Path | None = None,
+    cut: ModelCut | None = None,
 ) -> torch.Tensor:
-    """The pooled pre-logit features of every image (eval transform, BatchNorm statistics as learnt), on the CPU.
+    """The pooled pre-logit features of every image (eval transform, BatchNorm statistics as learnt), on the CPU;
+    with `cut`, the activations its bottom gives (the input of the top a refit trains).
 
     The frozen part does not change between rounds (nothing trains it and FedAvg of equal weights
     is the same weights), so the features of a site are computed in its first round and reused;
@@ -70,7 +62,8 @@ def frozen_features(
     """
     # Not keyed by precision: features of one network under bf16 or fp32 serve the head alike, and a site
     # whose automatic precision choice changes between rounds keeps its features.
-    key = f"{frozen_part_fingerprint(model)}-{_images_fingerprint(images)}"
+    cut = cut or cut_model(model, "classification-layer")
+    key = f"{frozen_part_fingerprint(model, cut)}-{_images_fingerprint(images)}"
     stored = Path(cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()}.pt" if cache_dir is not None else None
     if key in _cache:
         _cache.move_to_end(key)
@@ -78,7 +71,7 @@ def frozen_features(
     elif stored is not None and stored.exists():
         features = _remember(key, torch.load(stored))
     else:
-        features = _remember(key, _compute(model, images, device=device, precision=precision, batch_size=batch_size))
+        features = _remember(key, _compute(model, cut, images, device=device, precision=precision, batch_size=batch_size))
     if stored is not None and not stored.exists():
         stored.parent.mkdir(parents=True, exist_ok=True)
         temporary = stored.with_name(f".{stored.name}.{os.getpid()}.tmp")
@@ -95,12 +88,14 @@ def _keep_newest(folder: Path, count: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def _compute(model: nn.Module, images: CachedImages, *, device: torch.device, precision: Precision, batch_size: int) -> torch.Tensor:
+def _compute(
+    model: nn.Module, cut: ModelCut, images: CachedImages, *, device: torch.device, precision: Precision, batch_size: int
+) -> torch.Tensor:
     mean, std = model_normalisation(model)
     loader = make_eval_loader(images, batch_size=batch_size, transform=build_eval_transform(mean, std))
     was_training = model.training
     try:
-        features, _ = logits_and_labels(_PreLogits(model), loader, device=device, precision=precision)
+        features, _ = logits_and_labels(cut.bottom, loader, device=device, precision=precision)
     finally:
         model.train(was_training)
     return features.float().cpu()
