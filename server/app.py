@@ -34,6 +34,7 @@ from shared.models.model_cut import cut_model
 from shared.local_training import seed_everything
 from shared.models.classifier import build_classifier
 from shared.privacy.model_preparation import prepare_for_private_training
+from shared.run_folder import RunFolder
 from shared.weights import model_to_arrays
 
 RUNS_DIR_ENV = "SKIN_FL_RUNS_DIR"
@@ -67,7 +68,7 @@ def run_federation(
         run, run_folder = resume.run, resume.run_folder
     run_folder = Path(run_folder)
     run_folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(run_folder / "config.json", run.model_dump(mode="json"))
+    write_json_atomically(RunFolder(run_folder).config, run.model_dump(mode="json"))
     seed_everything(run.seed)
     model = build_classifier(run.model, num_classes=len(run.classes))
     if run.privacy.mode != "off":
@@ -126,7 +127,7 @@ def run_federation(
             **budget_stop_metadata(strategy),
         },
     )
-    plot_history(history.as_list(), run_folder / "metrics.png")
+    plot_history(history.as_list(), RunFolder(run_folder).metrics_plot)
     if run.report.site_reports:
         request_site_reports(grid, run, final_arrays, run_folder)
     return history

@@ -12,6 +12,7 @@ from torch import nn
 from shared.config import RunConfig
 from shared.durable_files import write_bytes_atomically
 from shared.models.classifier import load_classifier, save_classifier
+from shared.run_folder import RunFolder
 from shared.weights import load_arrays_into, model_to_arrays
 
 
@@ -24,7 +25,8 @@ class CheckpointWriter:
     """Writes `checkpoints/round_NNN.pt` every round and `final_model.pt` at the end."""
 
     def __init__(self, run_folder: Path, model: nn.Module, run: RunConfig):
-        self.folder = Path(run_folder) / "checkpoints"
+        self.layout = RunFolder(run_folder)
+        self.folder = self.layout.checkpoints
         self.folder.mkdir(parents=True, exist_ok=True)
         self.model = model
         self.run = run
@@ -43,7 +45,7 @@ class CheckpointWriter:
 
     def round_path(self, server_round: int) -> Path:
         """Where the global model after `server_round` is kept."""
-        return self.folder / f"round_{server_round:03d}.pt"
+        return self.layout.checkpoint(server_round)
 
     def save_round(self, server_round: int, arrays: ArrayRecord) -> Path:
         """Checkpoint the global model after `server_round`."""
@@ -76,4 +78,4 @@ class CheckpointWriter:
 
     def save_final(self, arrays: ArrayRecord, metadata: dict) -> Path:
         """Write the final global model next to the run's history."""
-        return self._save(self.folder.parent / "final_model.pt", arrays, metadata)
+        return self._save(self.layout.final_model, arrays, metadata)

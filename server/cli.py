@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -26,6 +25,7 @@ from server.nginx_proxy import ProxySettings, render_config
 from server.run_config_file import RESUME_KEY, app_directory, read_run_config_file, write_run_config_file
 from shared.console import VERBOSE_ENV
 from shared.errors import ConfigError, SkinFLError
+from shared.run_folder import RunFolder
 from shared.version import add_version_option
 
 STATE_DIR_ENV = "SKIN_FL_SERVER_STATE"
@@ -180,7 +180,7 @@ def _submit(args: argparse.Namespace, layout: StateLayout) -> int:
     overrides, run = read_run_config_file(args.run_config, app_dir)
     if args.resume is not None:
         folder = args.resume.expanduser().resolve()
-        if not (folder / "config.json").is_file():
+        if not RunFolder(folder).config.is_file():
             raise ConfigError(
                 f"{folder} is not a skin-fl run folder (no config.json); give a folder under {layout.runs_dir} "
                 "(see 'skin-fl-server status')."
@@ -214,7 +214,7 @@ def _status(layout: StateLayout) -> int:
         return 0
     print(f"{'run id':<22} {'status':<20} {'elapsed':<10} {'rounds done':<12} run folder")
     for folder in earlier:
-        ended = "earlier: completed" if (folder / "final_model.pt").is_file() else "earlier: unfinished"
+        ended = "earlier: completed" if RunFolder(folder).final_model.is_file() else "earlier: unfinished"
         print(f"{_run_id_of_folder(folder):<22} {ended:<20} {'-':<10} {len(_history_rounds(folder)):<12} {folder}")
     for entry in runs:
         run_id = str(entry.get("run-id"))
@@ -292,12 +292,12 @@ def run_folder_for(run_id: str, layout: StateLayout) -> Path | None:
 
 
 def _history_rounds(folder: Path | None) -> list[dict]:
-    if folder is None or not (folder / "history.json").is_file():
+    if folder is None:
         return []
     try:
-        return json.loads((folder / "history.json").read_text(encoding="utf-8")).get("rounds", [])
-    except (OSError, json.JSONDecodeError):
-        return []
+        return RunFolder(folder).history_rounds()
+    except ConfigError:
+        return []  # a history being written; status shows it on the next call
 
 
 def _number(value, digits: int = 4) -> str:

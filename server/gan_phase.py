@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -38,10 +37,9 @@ from shared.protocol import (
     ROUND_KEY,
     RUN_KEY,
 )
+from shared.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
-GAN_FOLDER = "gan"
-SYNTHETIC_COUNTS_FILE = "synthetic_counts.csv"
 WEIGHTING_KEY = "num-examples"
 
 
@@ -90,8 +88,8 @@ def _exchange(grid: Grid, run: RunConfig, nodes: list[int], content: RecordDict,
 def run_gan_phase(grid: Grid, run: RunConfig, run_folder: Path, features: FeatureClassifier, num_sites: int | None = None) -> GanPhaseOutcome:
     """Run GAN rounds `start_round..rounds`, checkpoint every round, then have the sites synthesise when asked."""
     gan = run.gan
-    folder = Path(run_folder) / GAN_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
+    layout = RunFolder(run_folder)
+    layout.gan.mkdir(parents=True, exist_ok=True)
     already = latest_gan_checkpoint(run_folder)
     if gan.generator is None and already is not None:
         # The same run folder again (a resumed run): continue after its last checkpointed GAN round.
@@ -108,9 +106,7 @@ def run_gan_phase(grid: Grid, run: RunConfig, run_folder: Path, features: Featur
     else:
         generator, discriminator = build_gan(gan, len(run.classes))
     outcome = GanPhaseOutcome(last_checkpoint=Path(gan.generator) if gan.generator else None)
-    history_path = folder / "history.json"
-    if history_path.is_file():
-        outcome.history = [entry for entry in json.loads(history_path.read_text())["rounds"] if entry["round"] < gan.start_round]
+    outcome.history = [entry for entry in layout.gan_history_rounds() if entry["round"] < gan.start_round]
     classifier = _array_record(features.arrays)
     run_json = run.model_dump_json()
     nodes = _site_nodes(grid, run, num_sites)
@@ -138,10 +134,10 @@ def run_gan_phase(grid: Grid, run: RunConfig, run_folder: Path, features: Featur
         if budget is not None:
             entry["privacy"] = budget.after_gan_round(server_round, replies)
         if quality:
-            save_class_grid(generator, run.classes, folder / "grids" / f"round_{server_round:03d}.png", seed=run.seed)
+            save_class_grid(generator, run.classes, layout.gan_grid(server_round), seed=run.seed)
         outcome.history.append(entry)
         outcome.rounds_run.append(server_round)
-        write_json_atomically(history_path, {"classes": run.classes, "grid_rows": run.classes, "rounds": outcome.history})
+        write_json_atomically(layout.gan_history, {"classes": run.classes, "grid_rows": run.classes, "rounds": outcome.history})
         logger.info("GAN round %d: %s", server_round, {k: v for k, v in entry.items() if k != "sites"})
     if gan.augment:
         outcome.site_reports = synthesise_at_sites(grid, run, run_folder, generator, discriminator, classifier, features, nodes)
@@ -193,13 +189,13 @@ def write_synthetic_counts(run_folder: Path, reports: dict[str, dict]) -> Path:
     Sites send totals only (per-class counts stay in each site's own selection report), and a
     private run sends no candidate or rejection counts: those cells stay empty.
     """
-    path = run_folder / SYNTHETIC_COUNTS_FILE
+    path = RunFolder(run_folder).synthetic_counts
     with replaced_atomically(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["site", *(column.replace("num-examples", "real-images") for column in SYNTHETIC_COUNT_COLUMNS)])
         for site, report in sorted(reports.items()):
             writer.writerow([site, *(int(report[column]) if column in report else "" for column in SYNTHETIC_COUNT_COLUMNS)])
-    write_json_atomically(run_folder / GAN_FOLDER / "selection.json", reports)
+    write_json_atomically(RunFolder(run_folder).gan_selection, reports)
     return path
 
 

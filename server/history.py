@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from shared.durable_files import replaced_atomically, write_json_atomically
 from shared.json_values import finite_or_none
+from shared.run_folder import RunFolder
 
 
 class MetricHistory:
@@ -23,11 +23,9 @@ class MetricHistory:
     def load(cls, run_folder: Path) -> MetricHistory:
         """The history a run folder's history.json holds (empty when there is none yet)."""
         history = cls(run_folder)
-        path = history.run_folder / "history.json"
-        if path.exists():
-            document = json.loads(path.read_text(encoding="utf-8"))
-            history.rounds = {entry["round"]: entry for entry in document["rounds"]}
-            history.selected_round = document.get("selected_round")
+        document = RunFolder(run_folder).read_history()
+        history.rounds = {entry["round"]: entry for entry in document.get("rounds", [])}
+        history.selected_round = document.get("selected_round")
         return history
 
     def _round(self, server_round: int) -> dict:
@@ -88,9 +86,10 @@ class MetricHistory:
         document = {"rounds": self.as_list()}
         if self.selected_round is not None:
             document["selected_round"] = self.selected_round
-        write_json_atomically(self.run_folder / "history.json", document)
+        layout = RunFolder(self.run_folder)
+        write_json_atomically(layout.history, document)
         self._write_csv(
-            self.run_folder / "metrics_per_round.csv",
+            layout.metrics_per_round,
             [
                 {
                     "round": entry["round"],
@@ -102,7 +101,7 @@ class MetricHistory:
             ],
         )
         self._write_csv(
-            self.run_folder / "metrics_per_site.csv",
+            layout.metrics_per_site,
             [
                 {
                     "round": entry["round"],

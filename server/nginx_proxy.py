@@ -13,7 +13,6 @@ from pathlib import Path
 from shared.errors import ConfigError
 
 TEMPLATE_PATH = Path(__file__).with_name("nginx_fleet_proxy.conf")
-FLEET_PATH_PREFIX = "/v1/fleet/"
 UPSTREAM_TLS_NAME = "localhost"
 """The name nginx checks in the SuperLink's certificate; skin-fl-certs always puts it there."""
 _PLACEHOLDER = re.compile(r"@[A-Z_]+@")

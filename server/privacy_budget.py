@@ -9,15 +9,15 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from server.history import MetricHistory
-from shared.durable_files import write_json_atomically
 from server.run_stop import RunStopped
+from shared.durable_files import write_json_atomically
 from shared.config import RunConfig
 from shared.errors import SkinFLError
 from shared.json_values import finite_or_none
 from shared.privacy.accounting import gan_round_label
 from shared.protocol import LEDGER_KEY, PRIVATE_SITES_KEY
+from shared.run_folder import RunFolder
 
-PRIVACY_FILE = "privacy.json"
 logger = logging.getLogger(__name__)
 
 
@@ -68,7 +68,7 @@ class PrivacyBudget:
         self.save()
 
     def _restore(self) -> None:
-        path = self.run_folder / PRIVACY_FILE
+        path = RunFolder(self.run_folder).privacy
         if path.exists():
             saved = json.loads(path.read_text())
             self.ledger_id = saved.get("ledger_id", self.ledger_id)
@@ -76,12 +76,10 @@ class PrivacyBudget:
             self.rounds = list(saved.get("rounds", []))
             self.gan_stopped = saved.get("gan_phase_stopped_early")
             return
-        history_path = self.run_folder / "history.json"
-        if history_path.exists():
-            for entry in json.loads(history_path.read_text()).get("rounds", []):
-                if "privacy" in entry:
-                    self.rounds.append({"round": entry["round"], **entry["privacy"]})
-                    self.sites.update(entry["privacy"].get("sites", {}))
+        for entry in RunFolder(self.run_folder).history_rounds():
+            if "privacy" in entry:
+                self.rounds.append({"round": entry["round"], **entry["privacy"]})
+                self.sites.update(entry["privacy"].get("sites", {}))
 
     @property
     def epsilon_spent(self) -> float:
@@ -213,7 +211,7 @@ class PrivacyBudget:
             "gan_phase_stopped_early": self.gan_stopped,
         }
         self.run_folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(self.run_folder / PRIVACY_FILE, finite_or_none(payload))
+        write_json_atomically(RunFolder(self.run_folder).privacy, finite_or_none(payload))
 
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -24,6 +23,7 @@ from server.startup_kit import KITS_DIR, SITE_CONFIG, write_startup_kits
 from shared.data.demo import write_demo_dataset
 from shared.device import cpu_threads_per_process
 from shared.errors import SkinFLError
+from shared.run_folder import RunFolder
 from shared.version import add_version_option
 
 VENV_BIN = Path(sys.executable).parent
@@ -260,9 +260,8 @@ def rehearse(folder: Path, sites: int, run_config: dict, timeout: float, say=pri
         if status != "finished:completed":
             raise RehearsalFailed(f"run {run_id} ended {status!r}\n{federation.log_tails()}")
         run_folder = federation.run_folder(run_id)
-        history = json.loads((run_folder / "history.json").read_text())["rounds"]
-        answered = {site for entry in history for site in entry.get("evaluate_sites", [])}
-        if answered != set(names) or not (run_folder / "final_model.pt").is_file():
+        answered = {site for entry in RunFolder(run_folder).history_rounds() for site in entry.get("evaluate_sites", [])}
+        if answered != set(names) or not RunFolder(run_folder).final_model.is_file():
             raise RehearsalFailed(f"run {run_id} finished without every site's evaluation or a final model\n{federation.log_tails()}")
     say(f"rehearsal passed in {time.monotonic() - started:.0f} s: every process stopped")
     return run_folder

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,10 +15,10 @@ from shared.durable_files import write_json_atomically
 from shared.config import RunConfig
 from shared.errors import ConfigError, ModelError, SkinFLError
 from shared.models.classifier import load_classifier
+from shared.run_folder import RunFolder
 from shared.weights import model_to_arrays
 
 RESUMES_FILE = "resumes.json"
-_CHECKPOINT_NAME = re.compile(r"^round_(\d{3,})\.pt$")
 logger = logging.getLogger(__name__)
 
 
@@ -47,17 +46,9 @@ def completed_round(entry: dict) -> bool:
     return "train_sites" in entry and "evaluate_sites" in entry
 
 
-def checkpoint_rounds(run_folder: Path) -> set[int]:
-    """The round numbers with a global-model checkpoint in the run folder."""
-    folder = Path(run_folder) / "checkpoints"
-    if not folder.is_dir():
-        return set()
-    return {int(match.group(1)) for path in folder.iterdir() if (match := _CHECKPOINT_NAME.match(path.name))}
-
-
 def read_run_settings(run_folder: Path) -> RunConfig:
     """The validated settings a run folder was started with (its config.json)."""
-    path = Path(run_folder) / "config.json"
+    path = RunFolder(run_folder).config
     if not path.is_file():
         raise ConfigError(
             f"{run_folder} is not a skin-fl run folder (no config.json); give the folder the interrupted run "
@@ -71,20 +62,6 @@ def read_run_settings(run_folder: Path) -> RunConfig:
         ) from error
 
 
-def read_history_rounds(run_folder: Path) -> list[dict]:
-    """The rounds recorded in the run folder's history.json (none when there is no history yet)."""
-    path = Path(run_folder) / "history.json"
-    if not path.is_file():
-        return []
-    try:
-        rounds = json.loads(path.read_text(encoding="utf-8"))["rounds"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ConfigError(
-            f"{path} is damaged ({error}); restore it from a backup or start a new run."
-        ) from error
-    return sorted(rounds, key=lambda entry: entry["round"])
-
-
 def find_resume_point(run_folder: Path) -> ResumePoint:
     """The last round of `run_folder` that finished completely, with its weights and the history up to it.
 
@@ -93,15 +70,16 @@ def find_resume_point(run_folder: Path) -> ResumePoint:
     """
     run_folder = Path(run_folder).expanduser().resolve()
     run = read_run_settings(run_folder)
-    rounds = read_history_rounds(run_folder)
-    checkpoints = checkpoint_rounds(run_folder)
+    layout = RunFolder(run_folder)
+    rounds = layout.history_rounds()
+    checkpoints = set(layout.checkpoint_files())
     completed = 0
     for entry in rounds:
         number = entry["round"]
         if number != completed + 1 or not completed_round(entry) or number not in checkpoints:
             break
         completed = number
-    if (run_folder / "final_model.pt").is_file():
+    if layout.final_model.is_file():
         raise ConfigError(
             f"{run_folder} already has its final_model.pt: the run finished (after {completed} of "
             f"{run.federation.rounds} rounds), so there is nothing to resume. Start a new run to train further."
@@ -113,7 +91,7 @@ def find_resume_point(run_folder: Path) -> ResumePoint:
         )
     arrays, unloadable = None, []
     while completed:
-        checkpoint = run_folder / "checkpoints" / f"round_{completed:03d}.pt"
+        checkpoint = layout.checkpoint(completed)
         try:
             model, saved = load_classifier(checkpoint)
         except ModelError as error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from shared.run_folder import RunFolder
 
 
 def _figure(value, digits: int = 3) -> str:
@@ -51,7 +52,7 @@ class RoundFollower:
                     continue
                 self.seen[path.parent] = version
                 document = json.loads(path.read_text(encoding="utf-8"))
-                total = json.loads((path.parent / "config.json").read_text(encoding="utf-8"))["federation"]["rounds"]
+                total = json.loads(RunFolder(path.parent).config.read_text(encoding="utf-8"))["federation"]["rounds"]
             except (OSError, ValueError, KeyError):
                 continue  # a run folder being written; read it on the next poll
             yield path.parent, [entry for entry in document.get("rounds", []) if "evaluate_sites" in entry], total

@@ -10,7 +10,6 @@ from shared.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 DATA_FORMATS = ("ham10000", "isic2019", "isic2020", "folder", "demo")
-DataFormat = Literal["ham10000", "isic2019", "isic2020", "folder", "demo"]
 DEFAULT_MODEL = "tf_efficientnet_lite0"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,17 +12,8 @@ from torch import nn
 from shared.errors import ModelError
 from shared.explain.gradcam import GradCam, Method, normalise_maps
 from shared.models.classifier import SavedClassifier, load_classifier
+from shared.run_folder import RunFolder
 from shared.training import place_model
-
-_ROUND_FILE = re.compile(r"round_(\d+)\.pt$")
-
-
-def round_checkpoints(run_folder: Path) -> list[Path]:
-    """A run folder's `checkpoints/round_NNN.pt` files in round order."""
-    folder = Path(run_folder) / "checkpoints"
-    found = [(int(match.group(1)), path) for path in folder.glob("round_*.pt") if (match := _ROUND_FILE.search(path.name))]
-    return [path for _, path in sorted(found)]
-
 
 def expand_model_paths(paths: list[Path], last: int | None = None) -> list[Path]:
     """Model files named by files and run folders: a folder gives its final model, or with `last` its last k checkpoints."""
@@ -33,9 +23,9 @@ def expand_model_paths(paths: list[Path], last: int | None = None) -> list[Path]
     for path in map(Path, paths):
         if path.is_dir():
             if last is None:
-                expanded.append(path / "final_model.pt")
+                expanded.append(RunFolder(path).final_model)
                 continue
-            checkpoints = round_checkpoints(path)
+            checkpoints = list(RunFolder(path).checkpoint_files().values())
             if not checkpoints:
                 raise ModelError(f"run folder {path} has no checkpoints/round_NNN.pt; give a run folder written by skin-fl")
             expanded.extend(checkpoints[-last:])

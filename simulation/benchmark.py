@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from shared.run_folder import RunFolder
 from simulation.cli import build_parser, run_simulation_command
 
 DEFAULT_DATA = Path(os.environ.get("SKIN_FL_HAM10000_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"))
@@ -49,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     outcome = run_simulation_command(sim_args)
     folder = outcome.run_folder
-    federated = evaluate_on_pooled_test(folder / "final_model.pt", outcome.sites.images)
-    pooled = evaluate_on_pooled_test(folder / "centralised" / "final_model.pt", outcome.sites.images)
+    federated = evaluate_on_pooled_test(RunFolder(folder).final_model, outcome.sites.images)
+    pooled = evaluate_on_pooled_test(RunFolder(folder).centralised.final_model, outcome.sites.images)
     walls = {"federated": outcome.summary["federated"]["wall_seconds"], "pooled": outcome.summary["centralised"]["wall_seconds"]}
     print("\nBenchmark: pooled vs FedAvg, 4 natural HAM10000 sites, lesion-disjoint pooled test split "
           f"({federated['num_examples']} images), {args.rounds * args.local_epochs} epochs, {args.image_size} px")

@@ -15,6 +15,7 @@ from shared.device import resolve_device
 from shared.local_training import evaluate_on_images, precision_for, seed_everything, train_on_images
 from shared.metrics import metrics_from_confusion
 from shared.models.classifier import build_classifier, save_classifier
+from shared.run_folder import RunFolder
 from shared.training import cosine_learning_rate
 
 logger = logging.getLogger(__name__)
@@ -48,8 +49,8 @@ def train_centralised(run: RunConfig, site_images: dict[str, CachedImages], run_
     The budget equals the federated run's: rounds x local epochs over the pooled data, with
     the same cosine learning-rate schedule, evaluated at the same points.
     """
-    folder = Path(run_folder) / "centralised"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(run_folder).centralised
+    folder.path.mkdir(parents=True, exist_ok=True)
     run = pooled_run(run, len(site_images))
     seed_everything(run.seed)
     device = resolve_device(run.train.device)
@@ -91,10 +92,10 @@ def train_centralised(run: RunConfig, site_images: dict[str, CachedImages], run_
             "pooled %d/%d: train loss %.3f, bal. acc %.3f, AUC %s, %.0f s",
             chunk, rounds, result.loss, overall["balanced_accuracy"], auc, time.monotonic() - chunk_started,
         )
-        write_json_atomically(folder / "history.json", {"rounds": history})
+        write_json_atomically(folder.history, {"rounds": history})
     wall_seconds = time.monotonic() - started
     save_classifier(
-        folder / "final_model.pt",
+        folder.final_model,
         model,
         model_name=run.model.name,
         classes=run.classes,

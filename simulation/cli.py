@@ -22,6 +22,7 @@ from shared.config import (
 )
 from shared.console import configure_console
 from shared.errors import SkinFLError
+from shared.run_folder import RunFolder
 from shared.version import add_version_option
 from simulation.gan_options import add_gan_options, gan_config_from_args, print_gan_outcome
 from simulation.privacy_options import add_privacy_options, print_privacy_outcome, print_privacy_plan, privacy_config_from_args
@@ -313,7 +314,7 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
     print_gan_outcome(run, run_folder)
     if run.gan.only:
         summary = {"gan_only": {"wall_seconds": federated_seconds, "rounds": run.gan.rounds}}
-        write_json_atomically(run_folder / "summary.json", summary)
+        write_json_atomically(RunFolder(run_folder).summary, summary)
         return SimulationOutcome(run_folder, run, simulated, summary)
     history = MetricHistory.load(run_folder)
     if not history.rounds:
@@ -345,7 +346,7 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
             )
         )
         print(f"pooled wall time: {pooled['wall_seconds']:.1f} s; federated / pooled: {federated_seconds / pooled['wall_seconds']:.2f}x")
-    write_json_atomically(run_folder / "summary.json", summary)
+    write_json_atomically(RunFolder(run_folder).summary, summary)
     print(f"\nRun folder: {run_folder} (config, per-round and per-site metrics, metrics.png, final_model.pt)")
     return SimulationOutcome(run_folder, run, simulated, summary)
 

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from shared.run_folder import RunFolder
+
 REPO = Path(__file__).resolve().parent.parent
 RUNNERS = {"skin-fl": True, "flower": False}
 """Runner name -> whether the SuperNodes run under skin-fl's task runner (else Flower's per-message processes)."""
@@ -29,7 +31,7 @@ RUNNERS = {"skin-fl": True, "flower": False}
 
 def measure(num_sites: int, runner: str, model: str, rounds: int, images_per_site: int, max_steps: int, workdir: Path) -> dict:
     """Run one federation of `num_sites` demo sites for `rounds` rounds with `runner`; returns per-round overhead figures."""
-    from deploy_harness import FAST_RUN_CONFIG, Deployment, read_json
+    from deploy_harness import FAST_RUN_CONFIG, Deployment
 
     names = tuple(f"site {index + 1}" for index in range(num_sites))
     run_config = {
@@ -48,7 +50,7 @@ def measure(num_sites: int, runner: str, model: str, rounds: int, images_per_sit
         total_seconds = time.monotonic() - started
         if status != "finished:completed":
             raise RuntimeError(f"the {num_sites}-site run ended {status}:\n{deployment.log_tails()}")
-        history = read_json(deployment.run_folder(run_id) / "history.json")["rounds"]
+        history = RunFolder(deployment.run_folder(run_id)).history_rounds()
     per_round = []
     for entry in history:
         train_seconds = [site["train"]["train-seconds"] for site in entry["sites"].values() if "train" in site]

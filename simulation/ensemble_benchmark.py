@@ -27,7 +27,9 @@ def site_test_images(run_folder: Path, classes: list[str], preprocess) -> dict:
     """Every simulated site's cached test split, from the run's manifest."""
     from shared.site_data import load_table_csv, prepare_site_images
 
-    manifest = json.loads((run_folder / "sites" / "manifest.json").read_text())
+    from shared.run_folder import RunFolder
+
+    manifest = json.loads(RunFolder(run_folder).manifest.read_text())
     sites = {}
     for entry in manifest["sites"]:
         table = load_table_csv(Path(entry["table_csv"]), classes)
@@ -72,16 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: final model vs last-k ensembles, printed and saved."""
     import torch
 
-    from shared.ensemble import round_checkpoints
     from shared.models.classifier import load_classifier
+    from shared.run_folder import RunFolder
 
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    _, saved = load_classifier(args.run_folder / "final_model.pt")
+    layout = RunFolder(args.run_folder)
+    _, saved = load_classifier(layout.final_model)
     sites = site_test_images(args.run_folder, saved.classes, saved.preprocess)
-    checkpoints = round_checkpoints(args.run_folder)
-    results = {"final": score([args.run_folder / "final_model.pt"], sites)}
+    checkpoints = list(layout.checkpoint_files().values())
+    results = {"final": score([layout.final_model], sites)}
     for k in args.last:
         if k <= len(checkpoints):
             results[f"last_{k}"] = score(checkpoints[-k:], sites)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.run_folder import RunFolder
 from simulation.cli import build_parser, run_simulation_command
 from simulation.gan_options import rejection_summary
 
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         options = _common(args, f"ablation-{arm}") + ["--balance", settings["balance"]] + extra
         arm_started = time.monotonic()
         outcome = run_simulation_command(build_parser().parse_args(options))
-        metrics = evaluate_on_pooled_test(outcome.run_folder / "final_model.pt", outcome.sites.images)
+        metrics = evaluate_on_pooled_test(RunFolder(outcome.run_folder).final_model, outcome.sites.images)
         results[arm] = rare_class_summary(metrics, outcome.run.classes)
         results[arm]["wall_seconds"] = time.monotonic() - arm_started
         results[arm]["run_folder"] = str(outcome.run_folder)
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_arm("a_none", [])
     run_arm("b_sampler", [])
-    feature_model = Path(results["b_sampler"]["run_folder"]) / "final_model.pt"
+    feature_model = RunFolder(results["b_sampler"]["run_folder"]).final_model
     gan_started = time.monotonic()
     gan_outcome = run_simulation_command(
         build_parser().parse_args(
@@ -156,14 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     gan_seconds = time.monotonic() - gan_started
-    generator = gan_outcome.run_folder / "gan" / "checkpoints" / f"round_{args.gan_rounds:03d}.pt"
+    generator = RunFolder(gan_outcome.run_folder).gan_checkpoint(args.gan_rounds)
     augment = _gan_options(args) + ["--gan-augment", "--gan-generator", str(generator), "--gan-feature-classifier", str(feature_model)]
     run_arm("c_cgan", augment)
     run_arm("d_both", augment)
     classes = outcomes["b_sampler"].run.classes
     quality = gan_quality(generator, feature_model, outcomes["b_sampler"].sites.images, tstr_per_class=args.tstr_per_class, seed=args.seed)
-    synthetic_counts = (Path(results["d_both"]["run_folder"]) / "synthetic_counts.csv").read_text()
-    selection = json.loads((Path(results["d_both"]["run_folder"]) / "gan" / "selection.json").read_text())
+    both = RunFolder(results["d_both"]["run_folder"])
+    synthetic_counts = both.synthetic_counts.read_text()
+    selection = json.loads(both.gan_selection.read_text())
 
     table = format_table(results, classes)
     test_support = results["b_sampler"]["support"]

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from shared.config import GanConfig, RunConfig
+from shared.run_folder import RunFolder
 
 
 def add_gan_options(parser: argparse.ArgumentParser) -> None:
@@ -67,18 +68,18 @@ def rejection_summary(report: dict) -> str:
 
 def print_gan_outcome(run: RunConfig, run_folder: Path) -> None:
     """Print the GAN rounds' losses and Fréchet distances and the synthetic counts, when the run had a GAN phase."""
-    history_path = Path(run_folder) / "gan" / "history.json"
-    if history_path.is_file():
+    layout = RunFolder(run_folder)
+    if layout.gan_history.is_file():
         print("\nFederated GAN rounds (site-weighted means; FD in the feature classifier's penultimate features):")
-        for entry in json.loads(history_path.read_text())["rounds"]:
+        for entry in layout.gan_history_rounds():
             fd = f"{entry['frechet-distance']:.2f}" if "frechet-distance" in entry else "-"
             print(f"  round {entry['round']:3d}: D loss {entry['discriminator-loss']:.3f}  G loss {entry['generator-loss']:.3f}  FD {fd}  {entry['wall_seconds']:.1f} s")
-        print(f"GAN checkpoints and grids: {Path(run_folder) / 'gan'}")
-    counts = Path(run_folder) / "synthetic_counts.csv"
+        print(f"GAN checkpoints and grids: {layout.gan}")
+    counts = layout.synthetic_counts
     if counts.is_file():
         print("\nReal and synthetic training images per site (synthetic_counts.csv):")
         print(counts.read_text().rstrip())
-        selection = json.loads((Path(run_folder) / "gan" / "selection.json").read_text())
+        selection = json.loads(layout.gan_selection.read_text())
         for site, report in sorted(selection.items()):
             if "candidates" in report:
                 print(f"  {site}: {report['candidates']} candidates, {rejection_summary(report)}")

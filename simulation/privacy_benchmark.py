@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from shared.run_folder import RunFolder
 from simulation.benchmark import DEFAULT_DATA, evaluate_on_pooled_test
 from simulation.cli import build_parser, run_simulation_command
 from simulation.sites import natural_site_images
@@ -122,7 +123,7 @@ def federated_accuracy(args, epsilon: float | None, site_images_holder: dict) ->
     outcome = run_simulation_command(build_parser().parse_args(options))
     wall = time.monotonic() - started
     site_images_holder.update(outcome.sites.images)
-    metrics = evaluate_on_pooled_test(outcome.run_folder / "final_model.pt", outcome.sites.images)
+    metrics = evaluate_on_pooled_test(RunFolder(outcome.run_folder).final_model, outcome.sites.images)
     privacy = outcome.summary.get("privacy", {})
     return {
         "epsilon_target": epsilon,

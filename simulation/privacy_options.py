@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from shared.config import PrivacyConfig
+from shared.run_folder import RunFolder
 
 
 def add_privacy_options(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +106,7 @@ def print_privacy_plan(run, training_sizes: dict[str, int]) -> None:
 
 def print_privacy_outcome(run, run_folder: Path, summary: dict) -> None:
     """Print (and add to the summary) the epsilon the sites spent and why the run stopped early, if it did."""
-    path = Path(run_folder) / "privacy.json"
+    path = RunFolder(run_folder).privacy
     if run.privacy.mode == "off" or not path.exists():
         return
     privacy = json.loads(path.read_text())

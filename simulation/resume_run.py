@@ -5,13 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 from server.resume import find_resume_point
 from shared.errors import ConfigError, SkinFLError
-
-SITES_MANIFEST = Path("sites") / "manifest.json"
-
+from shared.run_folder import RunFolder
 
 def check_resume_arguments(args: argparse.Namespace) -> None:
     """Refuse options that would change a resumed run: it keeps the folder's own data and settings."""
@@ -37,10 +34,10 @@ def resume_simulation_command(args: argparse.Namespace):
 
     check_resume_arguments(args)
     point = find_resume_point(args.resume)
-    manifest_path = point.run_folder / SITES_MANIFEST
+    manifest_path = RunFolder(point.run_folder).manifest
     if not manifest_path.is_file():
         raise ConfigError(
-            f"{point.run_folder} has no {SITES_MANIFEST}, so it is not a skin-fl-sim run folder; a deployed run "
+            f"{point.run_folder} has no {manifest_path.relative_to(point.run_folder)}, so it is not a skin-fl-sim run folder; a deployed run "
             "resumes with 'skin-fl-server submit RUN_CONFIG.toml --resume RUN_FOLDER'."
         )
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))

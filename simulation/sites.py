@@ -18,6 +18,7 @@ from shared.data.partition import (
 from shared.data.records import ImageTable
 from shared.data.splits import split_sites_by_group
 from shared.errors import ConfigError
+from shared.run_folder import RunFolder
 from shared.site_data import prepare_site_images, save_table_csv
 
 
@@ -67,7 +68,8 @@ def prepare_simulated_sites(
             "kept at each site, in the same split everywhere"
         )
     split_tables = split_sites_by_group(sites, fractions=run.split_fractions, seed=run.seed)
-    sites_folder = Path(run_folder) / "sites"
+    layout = RunFolder(run_folder)
+    sites_folder = layout.sites
     images: dict[str, CachedImages] = {}
     entries = []
     for name, site in split_tables.items():
@@ -105,7 +107,7 @@ def prepare_simulated_sites(
     text = format_count_table(counts)
     (Path(run_folder) / "site_class_counts.txt").write_text(text + "\n")
     manifest = {"cache_root": str(Path(cache_root).resolve()), "threads_per_site": threads_per_site, "sites": entries}
-    manifest_path = sites_folder / "manifest.json"
+    manifest_path = layout.manifest
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return SimulatedSites(split_tables, images, manifest_path, text)
 

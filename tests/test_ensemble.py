@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from shared.config import ModelConfig, PreprocessConfig
-from shared.ensemble import Ensemble, expand_model_paths, normalise_pixels, round_checkpoints
+from shared.ensemble import Ensemble, expand_model_paths, normalise_pixels
+from shared.run_folder import RunFolder
 from shared.errors import ModelError
 from shared.models.classifier import build_classifier, save_classifier
 
@@ -22,7 +23,7 @@ def test_run_folder_gives_final_model_or_last_round_checkpoints_in_round_order(t
     run = tmp_path / "run"
     for round_number in (1, 2, 10, 9):
         _save(run / "checkpoints" / f"round_{round_number:03d}.pt", round_number)
-    assert [path.name for path in round_checkpoints(run)] == ["round_001.pt", "round_002.pt", "round_009.pt", "round_010.pt"]
+    assert [path.name for path in RunFolder(run).checkpoint_files().values()] == ["round_001.pt", "round_002.pt", "round_009.pt", "round_010.pt"]
     assert [path.name for path in expand_model_paths([run], last=2)] == ["round_009.pt", "round_010.pt"]
     assert expand_model_paths([run]) == [run / "final_model.pt"]
     with pytest.raises(ModelError, match="--last applies to run folders"):

@@ -10,7 +10,8 @@ from torch import nn
 
 from server.aggregation import aggregate_site_metrics
 from server.history import MetricHistory
-from server.privacy_budget import LEDGER_KEY, PRIVACY_FILE, PrivacyBudget, PrivacyBudgetReached
+from server.privacy_budget import LEDGER_KEY, PrivacyBudget, PrivacyBudgetReached
+from shared.run_folder import RunFolder
 from site_images import random_site_images
 from shared.config import GanConfig, PrivacyConfig, RunConfig, run_config_from_flower
 from shared.data.cache import CachedImages
@@ -352,7 +353,7 @@ def test_the_server_stops_before_a_round_that_would_pass_the_budget_and_a_resume
     with pytest.raises(PrivacyBudgetReached, match="round 2 would take site b from epsilon 1.500 to 2.100") as stop:
         resumed.before_train(2, ArrayRecord(), ConfigRecord())
     assert stop.value.completed_rounds == 1
-    saved = json.loads((tmp_path / PRIVACY_FILE).read_text())
+    saved = json.loads(RunFolder(tmp_path).privacy.read_text())
     assert saved["stopped_early"]["before_round"] == 2 and saved["epsilon_spent_max"] == 1.5
     assert saved["settings"]["target_epsilon"] == 2.0
 
@@ -383,6 +384,6 @@ def test_central_privacy_wraps_the_recording_strategy_and_forwards_its_round_off
     assert strategy.noise_multiplier == 0.5 and strategy.clipping_norm == 2.0 and strategy.num_sampled_clients == 4
     strategy.round_offset = 3
     assert strategy.strategy.round_offset == 3 and strategy.privacy_budget is strategy.strategy.privacy_budget
-    assert json.loads((tmp_path / PRIVACY_FILE).read_text())["settings"]["mode"] == "central"
+    assert json.loads(RunFolder(tmp_path).privacy.read_text())["settings"]["mode"] == "central"
     plain = build_strategy(_run(), MetricHistory(tmp_path / "plain"), CheckpointWriter(tmp_path / "plain", model, run))
     assert not isinstance(plain, CentralPrivacyStrategy)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,16 +13,15 @@ from torch import nn
 from shared.config import GanConfig
 from shared.durable_files import replaced_atomically
 from shared.errors import ModelError
+from shared.run_folder import RunFolder
 from shared.weights import load_arrays_into, model_to_arrays
 
 SAVED_FORMAT = "skin-fl-cgan"
 SAVED_VERSION = 2
 """2: spectral normalisation by `SpectralNormalised` (version 1 used torch parametrizations; still read)."""
-CHECKPOINT_FOLDER = Path("gan") / "checkpoints"
 GENERATOR_PREFIX = "generator."
 DISCRIMINATOR_PREFIX = "discriminator."
 _BASE_SIDE = 4
-_ROUND_FILE = re.compile(r"round_(\d{3,})\.pt$")
 
 
 def _blocks_for(image_size: int) -> int:
@@ -296,11 +294,10 @@ def load_gan(path: Path, device: torch.device | str = "cpu") -> tuple[Conditiona
 
 def gan_checkpoint_path(run_folder: Path, server_round: int) -> Path:
     """Where the global GAN after `server_round` is saved in a run folder."""
-    return Path(run_folder) / CHECKPOINT_FOLDER / f"round_{server_round:03d}.pt"
+    return RunFolder(run_folder).gan_checkpoint(server_round)
 
 
 def latest_gan_checkpoint(run_folder: Path) -> tuple[int, Path] | None:
     """The last GAN round checkpointed in `run_folder` and its file, or None when there is none."""
-    folder = Path(run_folder) / CHECKPOINT_FOLDER
-    found = [(int(m.group(1)), p) for p in folder.glob("round_*.pt") if (m := _ROUND_FILE.search(p.name))]
-    return max(found) if found else None
+    found = RunFolder(run_folder).gan_checkpoint_files()
+    return max(found.items()) if found else None

@@ -296,11 +296,6 @@ def train_privately(
     )
 
 
-def strip_privacy_wrappers(model: nn.Module) -> nn.Module:
-    """The plain model under an Opacus GradSampleModule (the same object when not wrapped)."""
-    return getattr(model, "_module", model)
-
-
 def private_train_metrics(result) -> dict[str, float]:
     """The privacy figures a site reports each round, classifier or GAN (all scalars; none for a round without DP)."""
     if not isinstance(result, PrivacyFigures):
