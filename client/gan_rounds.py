@@ -11,6 +11,7 @@ from client.privacy_round import open_site_ledger
 from shared.config import ModelConfig, RunConfig
 from shared.data.cache import CachedImages
 from shared.device import resolve_device
+from shared.durable_files import write_json_atomically
 from shared.gan.augmentation import save_synthetic, synthesise_for_site
 from shared.gan.features import classifier_features
 from shared.gan.models import build_gan, gan_to_arrays, load_gan_arrays
@@ -21,7 +22,6 @@ from shared.models.classifier import build_classifier
 from shared.privacy.accounting import RoundSchedule
 from shared.privacy.gan_training import train_gan_privately
 from shared.privacy.training import private_train_metrics
-from shared.durable_files import write_json_atomically
 from shared.protocol import FEATURE_CLASSES_KEY, FEATURE_MODEL_KEY, QUALITY_KEY, ROUND_KEY, RUN_KEY
 from shared.weights import load_arrays_into
 

@@ -8,10 +8,9 @@ from flwr.clientapp import ClientApp
 from client.received import receive, round_training_images, training_images_of
 from shared.batch_norm import measure_batch_norm_statistics
 from shared.calibration import TEMPERATURES, summed_negative_log_likelihoods
-from shared.local_training import logits_on_images, precision_for
 from shared.config import RoundInstructions
 from shared.errors import ConfigError
-from shared.top_refit import site_refit_gradient
+from shared.local_training import logits_on_images, precision_for
 from shared.prior_correction import soft_confusion
 from shared.protocol import (
     BATCH_NORM_ACTION,
@@ -28,6 +27,7 @@ from shared.protocol import (
     SOFT_CONFUSION_KEY,
     VALIDATION_CONFUSION_KEY,
 )
+from shared.top_refit import site_refit_gradient
 
 
 def _validation_logits(message: Message, context: Context, source) -> tuple:

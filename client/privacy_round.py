@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from flwr.app import Context, Message
 
-import json
-
 from shared.config import RunConfig
 from shared.privacy.accounting import PrivacyLedger
 from shared.privacy.site_policy import SitePrivacyPolicy
-from shared.protocol import LEDGER_KEY, PRIVATE_SITES_KEY
 from shared.privacy.training import PrivateTrainResult, train_privately
+from shared.protocol import LEDGER_KEY, PRIVATE_SITES_KEY
 
 
 def ledger_id_of(message: Message, context: Context) -> str:

@@ -12,27 +12,27 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.calibration import calibrate_handed_on_model
-from server.head_refit import refit_handed_on_layers
-from server.prior_correction import correct_class_prior
 from server.checkpoint import CheckpointWriter
 from server.gan_phase import feature_classifier_for, run_gan_phase
+from server.head_refit import refit_handed_on_layers
 from server.history import MetricHistory
-from shared.durable_files import write_json_atomically
 from server.model_selection import best_validation_round
-from server.site_reports import request_site_reports
+from server.plots import plot_history
+from server.prior_correction import correct_class_prior
 from server.privacy_budget import budget_stop_metadata
 from server.prompt_grid import PromptGrid
-from server.run_stop import start_until_stopped
-from server.screened_grid import ScreenedGrid
-from server.plots import plot_history
 from server.resume import find_resume_point, gan_phase_needed, note_resume, restore_history
 from server.run_config_file import RESUME_KEY
+from server.run_stop import start_until_stopped
+from server.screened_grid import ScreenedGrid
+from server.site_reports import request_site_reports
 from server.strategy import build_strategy
 from shared.config import RunConfig, run_config_from_flower
 from shared.console import configure_console
-from shared.models.model_cut import cut_model
+from shared.durable_files import write_json_atomically
 from shared.local_training import seed_everything
 from shared.models.classifier import build_classifier
+from shared.models.model_cut import cut_model
 from shared.privacy.model_preparation import prepare_for_private_training
 from shared.run_folder import RunFolder
 from shared.weights import model_to_arrays

@@ -13,10 +13,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
 
-from shared.durable_files import replaced_atomically, write_json_atomically
 from server.privacy_budget import PrivacyBudget
 from server.strategy import site_name_of
 from shared.config import RunConfig
+from shared.durable_files import replaced_atomically, write_json_atomically
 from shared.errors import ModelError, SkinFLError
 from shared.gan.models import (
     build_gan,

@@ -17,8 +17,8 @@ from shared.config import RunConfig
 from shared.errors import ConfigError
 from shared.head_refit import SiteAnswer, SummedAnswers, sum_answers
 from shared.models.model_cut import cut_model
-from shared.top_refit import refit_layers
 from shared.protocol import HEAD_GRADIENT_MESSAGE, HEAD_GRADIENT_RECORD, HEAD_IMAGE_WEIGHT_KEY, HEAD_LOSS_KEY, VALIDATION_CONFUSION_KEY
+from shared.top_refit import refit_layers
 
 logger = logging.getLogger(__name__)
 

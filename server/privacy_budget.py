@@ -10,8 +10,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from server.history import MetricHistory
 from server.run_stop import RunStopped
-from shared.durable_files import write_json_atomically
 from shared.config import RunConfig
+from shared.durable_files import write_json_atomically
 from shared.errors import SkinFLError
 from shared.json_values import finite_or_none
 from shared.privacy.accounting import gan_round_label

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from server.history import MetricHistory
-from shared.durable_files import write_json_atomically
 from shared.config import RunConfig
+from shared.durable_files import write_json_atomically
 from shared.errors import ConfigError, ModelError, SkinFLError
 from shared.models.classifier import load_classifier
 from shared.run_folder import RunFolder

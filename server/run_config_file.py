@@ -48,7 +48,10 @@ def read_run_config_values(path: Path) -> dict:
             "e.g. num-server-rounds = 10 (see deploy/run-config.example.toml)."
         )
     if RESUME_KEY in overrides:
-        raise ConfigError(f"{path} sets {RESUME_KEY}; resume with 'skin-fl-server submit FILE --resume RUN_FOLDER' (or skin-fl-sim --resume RUN_FOLDER) instead.")
+        raise ConfigError(
+            f"{path} sets {RESUME_KEY}; resume with 'skin-fl-server submit FILE --resume RUN_FOLDER' "
+            "(or skin-fl-sim --resume RUN_FOLDER) instead."
+        )
     unknown = sorted(set(overrides) - set(FLOWER_RUN_CONFIG_KEYS))
     if unknown:
         raise ConfigError(

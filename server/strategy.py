@@ -12,15 +12,15 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 
 from server.aggregation import aggregate_site_metrics
 from server.batch_norm_recalibration import recalibrate_batch_norm
+from server.central_privacy import with_central_privacy
 from server.checkpoint import CheckpointWriter, array_record_to_numpy
 from server.class_census import take_class_census
 from server.history import MetricHistory
 from server.model_selection import rounds_since_best_validation
+from server.privacy_budget import PrivacyBudget
 from server.round_summary import round_summary_line
 from server.run_stop import RunStopped
 from server.tensorboard_log import TensorBoardLog
-from server.central_privacy import with_central_privacy
-from server.privacy_budget import PrivacyBudget
 from shared.aggregation import ServerOptimiser
 from shared.config import RoundInstructions, RunConfig
 from shared.protocol import INSTRUCTIONS_KEY

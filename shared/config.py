@@ -6,8 +6,9 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from shared.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from shared.errors import ConfigError
 
 DATA_FORMATS = ("ham10000", "isic2019", "isic2020", "folder", "demo")
 DEFAULT_MODEL = "tf_efficientnet_lite0"
@@ -331,7 +332,11 @@ class PrivacyConfig(StrictModel):
         "the linear-head recipe; the fine-tune recipe needs it given).",
     )
     noise_multiplier: float | None = Field(
-        None, gt=0, le=100, description="Noise std over the clipping norm; local: fixed noise (with a target epsilon the run stops at the budget); central: required."
+        None,
+        gt=0,
+        le=100,
+        description="Noise std over the clipping norm; local: fixed noise (with a target epsilon the run stops at the "
+        "budget); central: required.",
     )
     max_grad_norm: float | None = Field(
         None,

@@ -15,6 +15,7 @@ from shared.models.classifier import SavedClassifier, load_classifier
 from shared.run_folder import RunFolder
 from shared.training import place_model
 
+
 def expand_model_paths(paths: list[Path], last: int | None = None) -> list[Path]:
     """Model files named by files and run folders: a folder gives its final model, or with `last` its last k checkpoints."""
     if last is not None and last < 1:

@@ -24,6 +24,7 @@ from shared.batch_norm import measure_batch_norm_statistics, merge_batch_norm_st
 from shared.calibration import best_temperature, calibration_bins, summed_negative_log_likelihoods
 from shared.config import RoundInstructions, RunConfig
 from shared.data.cache import CachedImages, concatenate
+from shared.head_refit import SummedAnswers, sum_answers
 from shared.local_training import (
     epoch_samples,
     evaluate_on_images,
@@ -33,14 +34,13 @@ from shared.local_training import (
     site_round_seed,
     train_on_images,
 )
-from shared.head_refit import SummedAnswers, sum_answers
 from shared.metrics import classification_metrics
-from shared.models.frozen_features import frozen_features
 from shared.models.classifier import build_classifier
+from shared.models.frozen_features import frozen_features
 from shared.models.model_cut import cut_model
-from shared.top_refit import refit_layers, site_refit_gradient
-from shared.prior_correction import PRIOR_STEPS, offset_step, soft_confusion
 from shared.personalisation import personalise
+from shared.prior_correction import PRIOR_STEPS, offset_step, soft_confusion
+from shared.top_refit import refit_layers, site_refit_gradient
 from shared.weights import load_arrays_into, model_to_arrays
 from simulation.centralised import pooled_run
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from shared.config import DEFAULT_MODEL, FederationConfig, ModelConfig, PreprocessConfig, ReportConfig, RunConfig, TrainConfig
 from shared.errors import SkinFLError
 from shared.head_refit import HEAD_REFIT_STEPS
+from shared.version import add_version_option
 from simulation.arms import ARMS
 from simulation.bench_table import write_table
-from shared.version import add_version_option
 
 DEFAULT_ARMS = ("local", "pooled", "fedavg", "fedprox", "fedadam", "fedavgm")
 

@@ -13,18 +13,23 @@ COLUMNS = (
     ("selected_balanced_accuracy", "bal. acc (val-selected)", lambda cell: cell["selected"]["balanced_accuracy"]),
     ("site_mean_balanced_accuracy", "bal. acc (mean over sites)", lambda cell: _site_mean(cell, "balanced_accuracy")),
     ("site_mean_balanced_accuracy_global", "bal. acc (mean over sites, global model)", lambda cell: _site_mean(cell, "balanced_accuracy", "per_site_global")),
-    ("prior_corrected_balanced_accuracy", "bal. acc (prior-corrected)", lambda cell: cell.get("calibration", {}).get("prior_corrected", {}).get("balanced_accuracy")),
+    ("prior_corrected_balanced_accuracy", "bal. acc (prior-corrected)", lambda cell: _prior_corrected(cell, "balanced_accuracy")),
     ("refit_balanced_accuracy", "bal. acc (head refit + prior)", lambda cell: _refit(cell, "balanced_accuracy")),
     ("macro_auc", "macro AUC", lambda cell: cell["final"]["macro_auc"]),
     ("refit_macro_auc", "macro AUC (head refit)", lambda cell: cell.get("calibration", {}).get("head_refit", {}).get("refitted_test", {}).get("macro_auc")),
     ("melanoma_sensitivity", "mel. sensitivity", lambda cell: cell["final"]["melanoma_sensitivity"]),
-    ("prior_corrected_melanoma_sensitivity", "mel. sensitivity (prior-corrected)", lambda cell: cell.get("calibration", {}).get("prior_corrected", {}).get("melanoma_sensitivity")),
+    ("prior_corrected_melanoma_sensitivity", "mel. sensitivity (prior-corrected)", lambda cell: _prior_corrected(cell, "melanoma_sensitivity")),
     ("refit_melanoma_sensitivity", "mel. sensitivity (head refit + prior)", lambda cell: _refit(cell, "melanoma_sensitivity")),
     ("min_melanoma_sensitivity_after_round_2", "worst mel. sens. / best (rounds > 2)", lambda cell: _melanoma_stability(cell)),
     ("test_ece", "ECE", lambda cell: cell.get("calibration", {}).get("test_ece")),
     ("test_ece_calibrated", "ECE calibrated", lambda cell: cell.get("calibration", {}).get("test_ece_calibrated")),
     ("wall_seconds", "wall s", lambda cell: cell["wall_seconds"]),
 )
+
+
+def _prior_corrected(cell: dict, metric: str) -> float | None:
+    """A test figure of the last round's model after temperature and class-prior correction."""
+    return cell.get("calibration", {}).get("prior_corrected", {}).get(metric)
 
 
 def _refit(cell: dict, metric: str) -> float | None:

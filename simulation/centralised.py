@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.durable_files import write_json_atomically
 from shared.config import RunConfig
 from shared.data.cache import CachedImages, concatenate
 from shared.device import resolve_device
+from shared.durable_files import write_json_atomically
 from shared.local_training import evaluate_on_images, precision_for, seed_everything, train_on_images
 from shared.metrics import metrics_from_confusion
 from shared.models.classifier import build_classifier, save_classifier

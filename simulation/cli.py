@@ -50,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, help="dataset folder (HAM10000, ISIC 2019, ISIC 2020 or folder-per-class)")
     data.add_argument("--format", choices=["ham10000", "isic2019", "isic2020", "folder"], help="dataset format (detected when omitted)")
-    data.add_argument("--partition", choices=["natural", "dirichlet"], help="natural: the data's own site column; dirichlet: non-IID over --num-sites (default: natural when the data names sites)")
+    data.add_argument(
+        "--partition",
+        choices=["natural", "dirichlet"],
+        help="natural: the data's own site column; dirichlet: non-IID over --num-sites (default: natural when the data names sites)",
+    )
     data.add_argument("--num-sites", type=int, help="number of sites for --partition dirichlet")
     data.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skewed), default 0.5")
     data.add_argument("--partition-column", default="site", help="column naming the source site for natural partitions")
@@ -121,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"class balancing (default: {train_defaults.balance}; none under --privacy local, whose sampling must stay uniform)",
     )
     model.add_argument("--loss", choices=["ce", "weighted-ce", "focal", "balanced-softmax"], default=train_defaults.loss)
-    model.add_argument("--amp", choices=["auto", "on", "off"], default=train_defaults.amp, help="mixed precision (auto: fp16 on CUDA, bf16 on CPU only where faster)")
+    model.add_argument(
+        "--amp", choices=["auto", "on", "off"], default=train_defaults.amp, help="mixed precision (auto: fp16 on CUDA, bf16 on CPU only where faster)"
+    )
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     model.add_argument("--max-steps-per-epoch", type=int, help="cap optimiser steps per epoch (quick runs)")
     model.add_argument("--seed", type=int, default=0)
@@ -275,8 +281,8 @@ def run_simulation_command(args: argparse.Namespace) -> SimulationOutcome:
     from client.site_source import SimulationSites
     from server.app import create_server_app, new_run_folder
     from server.history import MetricHistory
-    from shared.durable_files import write_json_atomically
     from shared.device import default_image_size, resolve_device
+    from shared.durable_files import write_json_atomically
     from simulation.centralised import train_centralised
     from simulation.report import format_result_table, handed_on_model, site_metrics_from_flower
     from simulation.sites import partition_sites, prepare_simulated_sites

@@ -25,9 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def site_test_images(run_folder: Path, classes: list[str], preprocess) -> dict:
     """Every simulated site's cached test split, from the run's manifest."""
-    from shared.site_data import load_table_csv, prepare_site_images
-
     from shared.run_folder import RunFolder
+    from shared.site_data import load_table_csv, prepare_site_images
 
     manifest = json.loads(RunFolder(run_folder).manifest.read_text())
     sites = {}

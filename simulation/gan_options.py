@@ -30,7 +30,9 @@ def add_gan_options(parser: argparse.ArgumentParser) -> None:
     )
     gan.add_argument("--gan-grid-every", type=int, default=defaults.grid_every, help="sample grid and Fréchet distance every K GAN rounds")
     gan.add_argument("--gan-augment", action="store_true", help="add selected synthetic images of minority classes to each site's training split")
-    gan.add_argument("--gan-target", choices=["median", "ratio"], default=defaults.target, help="fill classes up to the site's median count, or ratio x its largest")
+    gan.add_argument(
+        "--gan-target", choices=["median", "ratio"], default=defaults.target, help="fill classes up to the site's median count, or ratio x its largest"
+    )
     gan.add_argument("--gan-target-ratio", type=float, default=defaults.target_ratio)
     gan.add_argument("--gan-max-per-class", type=int, default=defaults.max_synthetic_per_class, help="cap on synthetic images per class and site")
     gan.add_argument("--gan-feature-classifier", help="saved classifier whose features measure and select (default: the run's initial classifier)")
@@ -73,7 +75,10 @@ def print_gan_outcome(run: RunConfig, run_folder: Path) -> None:
         print("\nFederated GAN rounds (site-weighted means; FD in the feature classifier's penultimate features):")
         for entry in layout.gan_history_rounds():
             fd = f"{entry['frechet-distance']:.2f}" if "frechet-distance" in entry else "-"
-            print(f"  round {entry['round']:3d}: D loss {entry['discriminator-loss']:.3f}  G loss {entry['generator-loss']:.3f}  FD {fd}  {entry['wall_seconds']:.1f} s")
+            print(
+                f"  round {entry['round']:3d}: D loss {entry['discriminator-loss']:.3f}  G loss {entry['generator-loss']:.3f}  "
+                f"FD {fd}  {entry['wall_seconds']:.1f} s"
+            )
         print(f"GAN checkpoints and grids: {layout.gan}")
     counts = layout.synthetic_counts
     if counts.is_file():

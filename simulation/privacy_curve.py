@@ -81,8 +81,8 @@ def run_cell(args, site_images: dict, classes: list[str], epsilon: float | None,
     from shared.local_training import precision_for, seed_everything, site_round_seed
     from shared.metrics import classification_metrics
     from shared.models.classifier import build_classifier
-    from shared.privacy.accounting import PrivacyLedger
     from shared.models.frozen_features import frozen_features
+    from shared.privacy.accounting import PrivacyLedger
     from shared.privacy.model_preparation import prepare_for_private_training
     from shared.privacy.training import train_privately
 

@@ -10,6 +10,7 @@ from server.resume import find_resume_point
 from shared.errors import ConfigError, SkinFLError
 from shared.run_folder import RunFolder
 
+
 def check_resume_arguments(args: argparse.Namespace) -> None:
     """Refuse options that would change a resumed run: it keeps the folder's own data and settings."""
     clashing = [option for option, value in (("--data", args.data), ("--centralised", args.centralised)) if value]

@@ -5,14 +5,14 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-import shared  # noqa: E402,F401 - installs the torchvision shim before any test imports timm
-
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+import shared  # noqa: E402,F401 - installs the torchvision shim before any test imports timm
 
 
 def ray_processes() -> set[str]:

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.model_selection import best_validation_round
 from server.history import MetricHistory
+from server.model_selection import best_validation_round
 from shared.calibration import (
     TEMPERATURES,
     best_temperature,

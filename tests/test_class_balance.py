@@ -5,13 +5,13 @@ import pytest
 import torch
 from flwr.app import MetricRecord, RecordDict
 
+from fake_grid import error_reply, site_reply, use_plain_messages
 from shared.class_balance import balanced_class_draws, balanced_epoch_share, counts_seen_by_site, federation_balanced_weights
 from shared.config import RunConfig, TrainConfig
 from shared.data.cache import CachedImages
 from shared.errors import ConfigError
 from shared.local_training import batch_class_counts, epoch_samples
 from shared.training import BalancedSoftmaxLoss, log_class_prior
-from fake_grid import error_reply, site_reply, use_plain_messages
 
 SITES = {"a": [8, 2, 0], "b": [2, 2, 4]}
 FEDERATION = [10, 4, 4]

@@ -26,9 +26,9 @@ from client.site_config import (
 from client.supernode_output import ConnectionContext, OutputWatcher, classify_line
 from server.certs import init_credentials
 from shared.data.demo import write_demo_dataset
-from shared.network import parse_server_address
 from shared.device import usable_cpu_count
 from shared.errors import ConfigError
+from shared.network import parse_server_address
 
 REPO = Path(__file__).resolve().parent.parent
 SITE = "St Mary's \"Kinder\" Klinik Zürich"

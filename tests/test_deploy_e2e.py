@@ -11,9 +11,8 @@ import pytest
 
 from deploy_harness import FAST_RUN_CONFIG, Deployment, free_port, read_json
 from server.certs import init_credentials, site_file_stem
-from server.run_config_file import app_directory
 from server.deployment import CONNECTION_NAME, StateLayout, _alive, descendants, run_flower_cli, write_flower_cli_config
-from server.run_config_file import write_run_config_file
+from server.run_config_file import app_directory, write_run_config_file
 from shared.models.classifier import load_classifier
 
 pytestmark = pytest.mark.slow

@@ -6,9 +6,9 @@ import torch
 
 from shared.config import ModelConfig, PreprocessConfig
 from shared.ensemble import Ensemble, expand_model_paths, normalise_pixels
-from shared.run_folder import RunFolder
 from shared.errors import ModelError
 from shared.models.classifier import build_classifier, save_classifier
+from shared.run_folder import RunFolder
 
 CLASSES = ["a", "b", "c"]
 

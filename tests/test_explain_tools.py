@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 import pytest
-from demo_model_support import shared_demo_model
 from PIL import Image
 
 from client import evaluate_cli, explain_cli, report_cli
 from client.report import REPORT_FILES
+from demo_model_support import shared_demo_model
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,6 @@ import os
 import shutil
 
 import pytest
-from web_support import lesion_image
 
 from client.app import create_client_app
 from client.site_source import SimulationSites
@@ -16,6 +15,7 @@ from shared.data.demo import write_demo_dataset
 from shared.data.partition import partition_natural
 from shared.data.readers import read_dataset
 from simulation.sites import prepare_simulated_sites
+from web_support import lesion_image
 
 pytestmark = pytest.mark.slow
 

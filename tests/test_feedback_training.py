@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from web_support import CLASSES, lesion_image
 
 from client.web.store import CaseRecord, FeedbackStore, utc_now
 from shared.config import PreprocessConfig
@@ -15,6 +14,7 @@ from shared.data.feedback import feedback_summary, prepare_feedback_images, read
 from shared.data.readers import read_dataset
 from shared.errors import DataError
 from shared.site_data import prepare_site_images
+from web_support import CLASSES, lesion_image
 
 PREPROCESS = PreprocessConfig(image_size=32)
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from demo_model_support import shared_demo_model
 from scipy.stats import spearmanr
 
+from demo_model_support import shared_demo_model
 from shared.config import ModelConfig
 from shared.data.transforms import build_eval_transform
 from shared.explain.gradcam import GradCam

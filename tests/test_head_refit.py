@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from fake_grid import FeatureClassifier, error_reply, site_reply, use_plain_messages
 from shared.errors import ConfigError, ModelError
 from shared.head_refit import (
     HEAD_REFIT_STEPS,
@@ -16,7 +17,6 @@ from shared.head_refit import (
     summed_head_gradient,
 )
 from shared.models.model_cut import cut_model
-from fake_grid import FeatureClassifier, error_reply, site_reply, use_plain_messages
 
 CLASSES = ["a", "b", "c"]
 
@@ -138,8 +138,8 @@ def test_the_refit_is_on_by_default_off_in_private_runs_and_refused_when_asked_f
 
 
 def test_head_names_come_from_the_model_and_a_model_without_a_linear_head_is_refused():
-    from shared.models.classifier import build_classifier
     from shared.config import ModelConfig
+    from shared.models.classifier import build_classifier
 
     model = build_classifier(ModelConfig(name="resnet18", pretrained="none"), num_classes=3)
     assert head_parameter_names(model) == ("fc.weight", "fc.bias")

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
+from fake_grid import FeatureClassifier, site_reply, use_plain_messages
 from shared.errors import ModelError
 from shared.metrics import classification_metrics
 from shared.prior_correction import MAX_OFFSET, PRIOR_STEPS, fold_offsets, offset_step, soft_confusion
-from fake_grid import FeatureClassifier, site_reply, use_plain_messages
 
 
 def _skewed_logits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,8 +11,6 @@ from torch import nn
 from server.aggregation import aggregate_site_metrics
 from server.history import MetricHistory
 from server.privacy_budget import LEDGER_KEY, PrivacyBudget, PrivacyBudgetReached
-from shared.run_folder import RunFolder
-from site_images import random_site_images
 from shared.config import GanConfig, PrivacyConfig, RunConfig, run_config_from_flower
 from shared.data.cache import CachedImages
 from shared.errors import ConfigError, ModelError
@@ -32,6 +30,8 @@ from shared.privacy.model_preparation import (
 )
 from shared.privacy.per_sample_gradients import install_fast_per_sample_gradients
 from shared.privacy.training import check_private_precision, quiet_opacus, train_privately
+from shared.run_folder import RunFolder
+from site_images import random_site_images
 
 LOCAL = {"mode": "local", "target_epsilon": 3.0, "target_delta": 1e-4, "max_grad_norm": 1.0}
 CLASSES = ["mel", "nv", "bcc"]
@@ -151,7 +151,11 @@ def test_head_only_preparation_freezes_the_backbone_with_its_batch_norm_statisti
 
 def test_one_trainable_stage_trains_the_last_stage_and_everything_after_it():
     model = prepare_for_private_training(timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3), trainable_stages=1)
-    trained = {name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("blocks") else "") for name, parameter in model.named_parameters() if parameter.requires_grad}
+    trained = {
+        name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("blocks") else "")
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+    }
     assert trained == {"blocks.5", "blocks.6", "conv_head", "bn2", "classifier"}
 
 

@@ -1,10 +1,10 @@
 """End to end: a DP-SGD simulation (GAN and classifier) that stops at its epsilon budget, and what a site actually sends (with and without DP)."""
 
 import json
-from collections import Counter
 import pickle
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -93,8 +93,12 @@ class CapturingClientApp:
             number = message.metadata.message_id
             kind = message.metadata.message_type
             # The reply as serialised for the wire, and apart from its tensors (the small part every row of every image is sought in).
-            (folder / f"{number}-{kind}-{context.node_id}.pb").write_bytes(recorddict_to_proto(reply.content).SerializeToString() if not reply.has_error() else str(reply.error.reason).encode())
-            without_tensors = RecordDict({name: record for name, record in reply.content.items() if not isinstance(record, ArrayRecord)}) if not reply.has_error() else RecordDict()
+            failed = reply.has_error()
+            wire = str(reply.error.reason).encode() if failed else recorddict_to_proto(reply.content).SerializeToString()
+            (folder / f"{number}-{kind}-{context.node_id}.pb").write_bytes(wire)
+            without_tensors = (
+                RecordDict() if failed else RecordDict({name: record for name, record in reply.content.items() if not isinstance(record, ArrayRecord)})
+            )
             (folder / f"{number}-{kind}-{context.node_id}.small").write_bytes(recorddict_to_proto(without_tensors).SerializeToString())
             (folder / f"{number}.pickle").write_bytes(pickle.dumps((kind, reply.content if not reply.has_error() else None)))
             return reply

@@ -5,18 +5,18 @@ import pytest
 import timm
 import torch
 
-from site_images import random_site_images
 from shared.config import PrivacyConfig, RunConfig, run_config_from_flower
 from shared.data.cache import CachedImages
 from shared.errors import ModelError
-from shared.precision import Precision
 from shared.models import frozen_features as frozen_features_module
-from shared.privacy.accounting import CLASS_COUNTS_LABEL, PrivacyBudgetExceeded, PrivacyLedger, RoundSchedule, epsilon_of
 from shared.models.frozen_features import frozen_features
+from shared.precision import Precision
+from shared.privacy.accounting import CLASS_COUNTS_LABEL, PrivacyBudgetExceeded, PrivacyLedger, RoundSchedule, epsilon_of
 from shared.privacy.head_training import signal_to_noise
 from shared.privacy.model_preparation import prepare_for_private_training
 from shared.privacy.training import train_privately
 from simulation.privacy_curve import summarise
+from site_images import random_site_images
 
 LOCAL = {"mode": "local", "target_epsilon": 3.0, "target_delta": 1e-4, "max_grad_norm": 1.0}
 CLASSES = ["mel", "nv", "bcc"]

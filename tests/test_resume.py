@@ -9,9 +9,9 @@ from flwr.app import Array, ArrayRecord
 
 from server.checkpoint import CheckpointWriter
 from server.history import MetricHistory
-from shared.durable_files import write_json_atomically
 from server.resume import find_resume_point, gan_phase_needed, note_resume, restore_history
 from shared.config import FederationConfig, GanConfig, ModelConfig, RunConfig
+from shared.durable_files import write_json_atomically
 from shared.errors import ConfigError
 from shared.models.classifier import build_classifier
 from shared.weights import model_to_arrays

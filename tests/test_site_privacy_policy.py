@@ -5,8 +5,6 @@ import json
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.config import parse_config_args
-from site_loopback import LoopbackGrid, server_task_identity
-from test_site_replies import PATIENT_FILE, _site_with_a_corrupt_patient_file, _train_message
 
 from client.app import create_client_app
 from client.privacy_round import open_site_ledger
@@ -16,9 +14,11 @@ from server.privacy_budget import PrivacyBudget
 from server.screened_grid import ScreenedGrid
 from shared.config import RunConfig
 from shared.privacy.accounting import PrivacyLedger, PrivacyLedgerError, RoundSchedule, epsilon_of
-from shared.privacy.training import refuse_past_budget
 from shared.privacy.site_policy import PrivacyPolicyRefused, SitePrivacyPolicy
+from shared.privacy.training import refuse_past_budget
 from shared.protocol import LEDGER_KEY, PRIVATE_SITES_KEY, ScreenedSiteError
+from site_loopback import LoopbackGrid, server_task_identity
+from test_site_replies import PATIENT_FILE, _site_with_a_corrupt_patient_file, _train_message
 
 LOCAL = {"mode": "local", "target_delta": 1e-3, "max_grad_norm": 1.0}
 

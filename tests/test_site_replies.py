@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from PIL import Image
-from site_loopback import LoopbackGrid, server_task_identity
 
 from client.app import create_client_app
 from client.gan_handlers import synthesis_reply_metrics
@@ -30,6 +29,7 @@ from shared.protocol import (
     site_error_reason,
 )
 from shared.weights import model_to_arrays
+from site_loopback import LoopbackGrid, server_task_identity
 
 PATIENT_FILE = "DOE_JOHN_MRN4711_1961-03-02.jpg"
 IDENTIFYING = ("DOE_JOHN", "MRN4711", "1961-03-02")

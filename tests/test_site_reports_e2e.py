@@ -1,4 +1,7 @@
-"""End to end: a real Flower simulation (the shared `demo_simulation`) writes every site's local report (global and personalised model) and the coordinator's aggregate-only report."""
+"""End to end: a real Flower simulation (the shared `demo_simulation`) writes every site's local report and the coordinator's aggregate one.
+
+Each site's report covers the global and the personalised model; the coordinator's holds aggregates only.
+"""
 
 import json
 

@@ -8,6 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
+from fake_grid import site_reply, use_plain_messages
 from server.checkpoint import CheckpointWriter
 from server.history import MetricHistory
 from server.strategy import build_strategy
@@ -15,7 +16,6 @@ from shared.aggregation import ServerOptimiser, weighted_average
 from shared.config import FederationConfig, RunConfig
 from shared.errors import ConfigError
 from shared.weights import model_to_arrays
-from fake_grid import site_reply, use_plain_messages
 
 
 class TinyNet(nn.Module):

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from shared.config import ModelConfig
 from shared.data.cache import CachedImages
-from shared.head_refit import SiteAnswer, SummedAnswers, balanced_class_weights, sum_answers
 from shared.data.transforms import build_eval_transform
+from shared.head_refit import SiteAnswer, SummedAnswers, balanced_class_weights, sum_answers
 from shared.models.classifier import build_classifier, model_normalisation
 from shared.models.frozen_features import frozen_part_fingerprint
 from shared.models.model_cut import cut_model
@@ -108,7 +108,9 @@ def test_the_servers_steps_lower_the_federations_loss_and_a_top_worse_on_validat
     if result.refitted:
         assert any(not np.array_equal(result.layers[name], base[name]) for name in cut.trained_names)
 
-    def worse_every_query(values, calls=[]):
+    calls = []
+
+    def worse_every_query(values):
         calls.append(values)
         confusion = np.diag([4, 4, 4]) if len(calls) == 1 else np.array([[4, 0, 0], [4, 0, 0], [4, 0, 0]])
         gradient = {name: np.ones_like(value, dtype=np.float64) for name, value in values.items()}
@@ -137,8 +139,8 @@ class _ImageSitesGrid:
 
     def send_and_receive(self, messages, timeout=None):
         from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-        from fake_grid import site_reply
 
+        from fake_grid import site_reply
         from shared.config import RoundInstructions
         from shared.top_refit import site_refit_gradient
 
@@ -169,8 +171,8 @@ class _ImageSitesGrid:
 
 def test_the_server_refits_the_last_stage_from_the_sites_answers_and_hands_on_only_those_layers(monkeypatch):
     from flwr.app import Array, ArrayRecord
-    from fake_grid import use_plain_messages
 
+    from fake_grid import use_plain_messages
     from server.head_refit import refit_handed_on_layers
     from shared.config import RunConfig
     from shared.weights import model_to_arrays

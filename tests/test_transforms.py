@@ -17,6 +17,7 @@ from shared.data.transforms import (
     shades_of_gray,
 )
 from shared.errors import ModelError
+
 from torchvision.transforms import v2  # isort: skip - after `shared`, which makes torchvision importable
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

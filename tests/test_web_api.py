@@ -16,21 +16,21 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
-from web_support import CLASSES, image_bytes, lesion_image, train_tiny_model
 
 from client.web.app import create_app
 from client.web.inference import Classifier
 from client.web.settings import load_web_settings
 from client.web.store import spreadsheet_safe
 from client.web.users import UserList, authenticate, hash_token
+from client.web_cli import main as web_main
 from shared.data.cache import build_image_cache
 from shared.data.loading import make_eval_loader
 from shared.data.readers import read_dataset
 from shared.data.records import ImageTable
 from shared.data.transforms import build_eval_transform
-from shared.models.classifier import load_classifier
-from client.web_cli import main as web_main
 from shared.errors import ConfigError
+from shared.models.classifier import load_classifier
+from web_support import CLASSES, image_bytes, lesion_image, train_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -408,7 +408,8 @@ def test_feedback_bad_inputs(site):
     assert _error_code(client.post(f"/api/cases/{case_id}/feedback", json={"label": "cancer"}), 422) == "unknown_label"
     assert _error_code(client.post(f"/api/cases/{case_id}/feedback", json={"note": "x"}), 422) == "invalid_request"
     assert _error_code(client.post(f"/api/cases/{case_id}/feedback", json={"label": "mel", "note": "x" * 2001}), 422) == "invalid_request"
-    assert _error_code(client.post(f"/api/cases/{case_id}/feedback", content=b"not json", headers={"content-type": "application/json"}), 422) == "invalid_request"
+    not_json = client.post(f"/api/cases/{case_id}/feedback", content=b"not json", headers={"content-type": "application/json"})
+    assert _error_code(not_json, 422) == "invalid_request"
     assert _error_code(client.post(f"/api/cases/{'0' * 32}/feedback", json={"label": "mel"}), 404) == "unknown_case"
     assert _error_code(client.post("/api/cases/..%2F..%2Fetc/feedback", json={"label": "mel"}), 404) in ("not_found", "unknown_case")
     assert _error_code(client.post("/api/cases/ABC/feedback", json={"label": "mel"}), 422) == "invalid_request"

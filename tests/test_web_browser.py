@@ -9,9 +9,9 @@ import time
 import urllib.request
 
 import pytest
-from web_support import lesion_image, train_tiny_model
 
 from client.web.users import UserList
+from web_support import lesion_image, train_tiny_model
 
 pytestmark = pytest.mark.slow
 

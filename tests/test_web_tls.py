@@ -15,9 +15,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from web_support import train_tiny_model
 
 from client.web.users import UserList
+from web_support import train_tiny_model
 
 pytestmark = pytest.mark.slow
 

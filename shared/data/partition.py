@@ -59,7 +59,7 @@ def partition_dirichlet(table: ImageTable, *, num_sites: int, alpha: float, seed
         cuts = (np.cumsum(shares)[:-1] * len(groups)).round().astype(int)
         for site, dealt in enumerate(np.split(groups, cuts)):
             groups_of_site[site].extend(dealt.tolist())
-    for site, groups in enumerate(groups_of_site):
+    for groups in groups_of_site:
         if not groups:
             donor = max(range(num_sites), key=lambda index: len(groups_of_site[index]))
             groups.append(groups_of_site[donor].pop(rng.integers(len(groups_of_site[donor]))))

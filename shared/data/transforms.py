@@ -13,6 +13,7 @@ from torch import nn
 
 from shared.config import PreprocessConfig
 from shared.errors import ModelError
+
 from torchvision.transforms import v2  # isort: skip - after `shared`, which makes torchvision importable
 
 

@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from shared.config import RunConfig
 from shared.data.cache import CachedImages
 from shared.errors import ConfigError, DataError, ModelError
+from shared.models.frozen_features import frozen_features
 from shared.precision import Precision
 from shared.privacy.accounting import CLASS_COUNTS_LABEL, PrivacyLedger, RoundSchedule, classifier_batch_size
-from shared.models.frozen_features import frozen_features
 from shared.privacy.model_preparation import is_prepared_for_privacy, prepared_trainable_stages
 
 logger = logging.getLogger(__name__)

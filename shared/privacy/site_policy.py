@@ -29,7 +29,10 @@ class SitePrivacyPolicy(StrictModel):
     model_config = ConfigDict(extra="forbid", alias_generator=_kebab, populate_by_name=True)
 
     max_epsilon: float | None = Field(
-        None, gt=0, description="Largest epsilon (at the run's delta) a run may spend on this site's images; set: only local-DP runs with a target epsilon at most this join."
+        None,
+        gt=0,
+        description="Largest epsilon (at the run's delta) a run may spend on this site's images; set: only local-DP runs "
+        "with a target epsilon at most this join.",
     )
     lifetime_epsilon: float | None = Field(
         None,

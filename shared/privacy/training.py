@@ -23,9 +23,9 @@ from shared.models.classifier import model_normalisation
 from shared.precision import Precision
 from shared.privacy.accounting import PrivacyBudgetExceeded, PrivacyLedger, RoundSchedule, epsilon_of
 from shared.privacy.head_training import train_private_head
-from shared.privacy.site_policy import PrivacyPolicyRefused
 from shared.privacy.model_preparation import grad_sample_mode_for, is_prepared_for_privacy
 from shared.privacy.per_sample_gradients import install_fast_per_sample_gradients
+from shared.privacy.site_policy import PrivacyPolicyRefused
 from shared.training import TrainResult, inverse_frequency_weights, log_class_prior, place_model, set_cosine_step_rate
 
 
