@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.task_runner import runner_command
-from server.certs import site_file_stem
-from server.rehearsal import VENV_BIN, LoopbackFederation, Site, free_port
+from coordinator.certs import site_file_stem
+from coordinator.rehearsal import VENV_BIN, LoopbackFederation, Site, free_port
 from shared.protocol import FLOWER_OBJECT_TRANSFER_ENV
 
 __all__ = ["FAST_RUN_CONFIG", "Deployment", "free_port", "node_config", "read_json"]

@@ -18,8 +18,8 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
 
 from client.site_config import build_site_settings, check_ca_certificate, check_site_key, read_site_file
-from server.certs import add_site, init_credentials, main, site_file_stem
-from server.startup_kit import write_startup_kits
+from coordinator.certs import add_site, init_credentials, main, site_file_stem
+from coordinator.startup_kit import write_startup_kits
 from shared.errors import ConfigError
 
 
@@ -155,7 +155,7 @@ def test_bad_server_name_and_days_are_refused(tmp_path, capsys):
 
 
 def test_the_ca_outlives_the_server_certificate_and_renewal_keeps_the_sites_trust(credentials):
-    from server.certs import renew_server
+    from coordinator.certs import renew_server
 
     ca_cert, old = _certificate(credentials / "ca.crt"), _certificate(credentials / "server.crt")
     assert ca_cert.not_valid_after_utc - old.not_valid_after_utc > datetime.timedelta(days=3000)

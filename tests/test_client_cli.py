@@ -24,7 +24,7 @@ from client.site_config import (
     read_site_file,
 )
 from client.supernode_output import ConnectionContext, OutputWatcher, classify_line
-from server.certs import init_credentials
+from coordinator.certs import init_credentials
 from shared.data.demo import write_demo_dataset
 from shared.device import usable_cpu_count
 from shared.errors import ConfigError

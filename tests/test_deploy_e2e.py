@@ -9,9 +9,9 @@ import time
 
 import pytest
 
+from coordinator.certs import init_credentials, site_file_stem
+from coordinator.deployment import CONNECTION_NAME, StateLayout, _alive, descendants, run_flower_cli, write_flower_cli_config
 from deploy_harness import FAST_RUN_CONFIG, Deployment, free_port, read_json
-from server.certs import init_credentials, site_file_stem
-from server.deployment import CONNECTION_NAME, StateLayout, _alive, descendants, run_flower_cli, write_flower_cli_config
 from server.run_config_file import app_directory, write_run_config_file
 from shared.models.classifier import load_classifier
 
@@ -207,7 +207,7 @@ def test_public_port_refuses_the_control_and_runtime_apis(deployment):
 
 def test_a_removed_site_key_is_unregistered_at_the_running_coordinator(deployment):
     # Last in this module: it revokes a site the tests above use.
-    from server.certs import main as certs_main
+    from coordinator.certs import main as certs_main
 
     record = read_json(deployment.layout.site_keys_file)
     beta_id = record["beta"]["node_id"]

@@ -13,10 +13,10 @@ import yaml
 
 from client.cli import build_parser as client_parser
 from client.site_config import SiteSettings
-from server.certs import build_parser as certs_parser
-from server.certs import init_credentials
-from server.cli import build_parser as server_parser
-from server.nginx_proxy import ProxySettings, render_config
+from coordinator.certs import build_parser as certs_parser
+from coordinator.certs import init_credentials
+from coordinator.cli import build_parser as server_parser
+from coordinator.nginx_proxy import ProxySettings, render_config
 from server.run_config_file import app_directory, read_run_config_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,6 +83,12 @@ def test_dockerfiles_install_torch_first_then_the_project_and_run_the_right_comm
     command = json.loads(dict(instructions)["CMD"])
     expected = {"server": "skin-fl-server", "site": "skin-fl-client"}[name]
     assert entrypoint == [expected]
+    # The package of the entry point's console script is copied in and not ignored.
+    import tomllib
+
+    package = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"][expected].split(".")[0]
+    copied = {source for keyword, arguments in instructions if keyword == "COPY" for source in arguments.split()[:-1]}
+    assert package in copied and f"!{package}/**" in ignore
     parse_command(entrypoint + command)
     if name == "server":
         assert any("apt-get install" in command and "nginx" in command for command in runs)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.certs import site_file_stem
+from coordinator.deployment import _alive, descendants
 from deploy_harness import FAST_RUN_CONFIG, Deployment, read_json
-from server.certs import site_file_stem
-from server.deployment import _alive, descendants
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def wait_for_history(deployment: Deployment, run_id: str, phase: str, server_rou
 def restart_server(deployment: Deployment) -> None:
     """`skin-fl-server start` again on the same ports and state folder (database, runs, keys)."""
     command = [
-        sys.executable, "-m", "server.cli", "--state-dir", str(deployment.state_dir), "start",
+        sys.executable, "-m", "coordinator.cli", "--state-dir", str(deployment.state_dir), "start",
         "--credentials", str(deployment.credentials), "--host", "127.0.0.1",
         "--port", str(deployment.public_port), "--superlink-port", str(deployment.superlink_port),
     ]

@@ -142,7 +142,7 @@ def test_a_site_that_only_trains_runs_without_the_web_onnx_or_simulation_extras(
 import sys
 for module in {blocked!r}:
     sys.modules[module] = None  # as if not installed: import fails, find_spec returns None
-import client.app, client.cli, server.app, server.cli, shared.local_training  # noqa: E401
+import client.app, client.cli, server.app, coordinator.cli, shared.local_training  # noqa: E401
 from client.web_cli import main as web_main
 from simulation.cli import main as sim_main
 print("web", web_main(["serve", "--data-dir", {str(tmp_path)!r}]))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.rehearsal import main
 from deploy_harness import FAST_RUN_CONFIG
-from server.rehearsal import main
 from server.run_config_file import write_run_config_file
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ def test_the_rehearsal_finishes_a_run_through_nginx_from_start_up_kits_and_stops
     run_config = write_run_config_file(tmp_path / "quick.toml", {**FAST_RUN_CONFIG, "num-server-rounds": 1})
     workdir = tmp_path / "rehearsal"
     result = subprocess.run(
-        [sys.executable, "-m", "server.rehearsal", "--sites", "1", "--run-config", str(run_config), "--workdir", str(workdir)],
+        [sys.executable, "-m", "coordinator.rehearsal", "--sites", "1", "--run-config", str(run_config), "--workdir", str(workdir)],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

@@ -15,11 +15,9 @@ from pathlib import Path
 import pytest
 from fastapi.routing import APIRoute
 
-from server import cli
-from server.certs import init_credentials
-from server.deployment import check_credentials
-from server.history import MetricHistory
-from server.nginx_proxy import (
+from coordinator.certs import init_credentials
+from coordinator.deployment import check_credentials
+from coordinator.nginx_proxy import (
     TEMPLATE_PATH,
     ProxySettings,
     find_nginx,
@@ -28,6 +26,8 @@ from server.nginx_proxy import (
     render_config,
     write_config,
 )
+from server import cli
+from server.history import MetricHistory
 from server.run_config_file import app_directory, read_run_config_file
 from shared.config import FLOWER_RUN_CONFIG_KEYS, run_config_from_flower
 from shared.errors import ConfigError
@@ -313,7 +313,7 @@ def test_status_lists_the_runs_of_earlier_starts_from_their_folders(tmp_path, mo
     # The SuperLink keeps its run list in memory: runs from before a restart are known by their folders.
     import json
 
-    from server.deployment import StateLayout
+    from coordinator.deployment import StateLayout
 
     layout = StateLayout(tmp_path)
     layout.state_file.parent.mkdir(parents=True, exist_ok=True)

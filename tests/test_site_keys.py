@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from server.certs import add_site, init_credentials, remove_site
-from server.deployment import StateLayout, check_credentials
+from coordinator.certs import add_site, init_credentials, remove_site
+from coordinator.deployment import StateLayout, check_credentials
 from shared.errors import ConfigError
 
 

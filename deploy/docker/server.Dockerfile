@@ -30,6 +30,7 @@ RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt torch 
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY server ./server
+COPY coordinator ./coordinator
 COPY client ./client
 COPY simulation ./simulation
 COPY deploy/run-config.example.toml ./deploy/run-config.example.toml

@@ -282,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 0
         elif args.command == "kit":
-            from server.startup_kit import describe_kits, write_startup_kits
+            from coordinator.startup_kit import describe_kits, write_startup_kits
 
             written = write_startup_kits(args.out, args.superlink, args.site)
             print(describe_kits(args.out, written), end="")

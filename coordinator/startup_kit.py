@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from server.certs import (
+from coordinator.certs import (
     CA_CERT,
     PRIVATE_MODE,
     PUBLIC_MODE,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from cryptography import x509
 
-from server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, SITES_DIR, registered_sites
-from server.nginx_proxy import ProxySettings, find_nginx, nginx_command, write_config
+from coordinator.certs import CA_CERT, SERVER_CERT, SERVER_KEY, SITES_DIR, registered_sites
+from coordinator.nginx_proxy import ProxySettings, find_nginx, nginx_command, write_config
 from server.round_summary import RoundFollower
 from shared.errors import ConfigError, SkinFLError
 from shared.executables import venv_executable
@@ -72,7 +72,7 @@ class StateLayout:
 
     @property
     def site_keys_file(self) -> Path:
-        """The node id and key fingerprint of every site key this coordinator registered (server.site_keys)."""
+        """The node id and key fingerprint of every site key this coordinator registered (coordinator.site_keys)."""
         return self.root / SITE_KEYS_FILE
 
     @property
@@ -435,7 +435,7 @@ class Coordinator:
                  if self.credentials else f"SuperLink on http://{LOOPBACK}:{self.superlink_port} (loopback only, NO TLS)")
 
     def _register_site_keys(self) -> None:
-        from server.site_keys import sync_site_keys
+        from coordinator.site_keys import sync_site_keys
 
         assert self.credentials is not None
         sync_site_keys(self.layout, self.credentials, self.say)

@@ -7,7 +7,7 @@ import hashlib
 import json
 from collections.abc import Callable
 
-from server.deployment import CONNECTION_NAME, Credentials, DeploymentError, StateLayout, flower_error, run_flower_cli
+from coordinator.deployment import CONNECTION_NAME, Credentials, DeploymentError, StateLayout, flower_error, run_flower_cli
 from shared.durable_files import write_json_atomically
 
 

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from server.deployment import (
+from coordinator.deployment import (
     CONNECTION_NAME,
     LOOPBACK,
     DeploymentError,
@@ -21,7 +21,7 @@ from server.deployment import (
     prepare_coordinator,
     run_flower_cli,
 )
-from server.nginx_proxy import ProxySettings, render_config
+from coordinator.nginx_proxy import ProxySettings, render_config
 from server.run_config_file import RESUME_KEY, app_directory, read_run_config_file, write_run_config_file
 from shared.console import VERBOSE_ENV
 from shared.errors import ConfigError, SkinFLError
@@ -162,7 +162,7 @@ def _start(args: argparse.Namespace, layout: StateLayout) -> int:
 
 
 def _sync_site_keys(args: argparse.Namespace, layout: StateLayout) -> int:
-    from server.site_keys import sync_site_keys
+    from coordinator.site_keys import sync_site_keys
 
     if not layout.state_file.is_file():
         raise ConfigError(f"no server state in {layout.root}; give the --state-dir of the running skin-fl-server start")

@@ -15,11 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.certs import init_credentials, site_file_stem
-from server.deployment import StateLayout, descendants, run_flower_cli, stop_pids
+from coordinator.certs import init_credentials, site_file_stem
+from coordinator.deployment import StateLayout, descendants, run_flower_cli, stop_pids
+from coordinator.startup_kit import KITS_DIR, SITE_CONFIG, write_startup_kits
 from server.round_summary import RoundFollower
 from server.run_config_file import read_run_config_values, write_run_config_file
-from server.startup_kit import KITS_DIR, SITE_CONFIG, write_startup_kits
 from shared.data.demo import write_demo_dataset
 from shared.device import cpu_threads_per_process
 from shared.errors import SkinFLError
@@ -104,7 +104,7 @@ class LoopbackFederation:
         """`skin-fl-server start` on free loopback ports; returns once it is ready and every site's start-up kit names it."""
         self.public_port, self.superlink_port = free_port(), free_port()
         command = [
-            sys.executable, "-m", "server.cli", "--state-dir", str(self.state_dir), "start",
+            sys.executable, "-m", "coordinator.cli", "--state-dir", str(self.state_dir), "start",
             "--credentials", str(self.credentials), "--host", "127.0.0.1",
             "--port", str(self.public_port), "--superlink-port", str(self.superlink_port), *extra,
         ]
@@ -126,7 +126,7 @@ class LoopbackFederation:
     def server_cli(self, *arguments: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
         """Run `skin-fl-server --state-dir STATE ARGUMENTS` and capture its output."""
         return subprocess.run(
-            [sys.executable, "-m", "server.cli", "--state-dir", str(self.state_dir), *arguments],
+            [sys.executable, "-m", "coordinator.cli", "--state-dir", str(self.state_dir), *arguments],
             capture_output=True, text=True, timeout=timeout, env=process_environment(), cwd=self.root,
         )
 

@@ -1,0 +1,1 @@
+"""The coordinator's operations: credentials and start-up kits, the SuperLink and nginx under supervision, site keys, rehearsal."""
