@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from shared.config import ModelConfig, PreprocessConfig
-from shared.ensemble import Ensemble, expand_model_paths, normalise_pixels
+from shared.ensemble import Ensemble, expand_model_paths, normalise_maps, normalise_pixels
 from shared.errors import ModelError
 from shared.models.classifier import build_classifier, save_classifier
 from shared.run_folder import RunFolder
@@ -41,6 +41,11 @@ def test_ensemble_averages_member_probabilities_and_maps(tmp_path):
     assert np.allclose(ensemble.predict(images), expected, atol=1e-6)
     maps, probabilities = ensemble.explain(images)
     assert maps.shape == (4, 48, 48) and np.allclose(probabilities, expected, atol=1e-6)
+    # The ensemble's map is the members' maps of the ensemble's predicted class, averaged, then rescaled to [0, 1].
+    predicted = torch.from_numpy(expected.argmax(axis=1))
+    member_maps = [member.explain(images, predicted)[0] for member in single]
+    assert not np.allclose(member_maps[0], member_maps[1], atol=1e-3)  # two different members, so the average means something
+    assert np.allclose(maps, normalise_maps(torch.from_numpy((member_maps[0] + member_maps[1]) / 2)).numpy(), atol=1e-5)
     assert maps.min() >= 0 and maps.max() <= 1
 
 

@@ -4,11 +4,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from client import evaluate_cli, explain_cli, report_cli
 from client.report import REPORT_FILES
 from demo_model_support import shared_demo_model
+from shared.models.classifier import load_classifier, save_classifier
 
 pytestmark = pytest.mark.slow
 
@@ -50,17 +52,27 @@ def test_explain_command_writes_overlays_and_agrees_across_ensemble_and_onnx(tmp
         overlay = np.asarray(Image.open(single / row["overlay"]))
         assert overlay.shape == (explain_cli.DISPLAY_SIZE, explain_cli.DISPLAY_SIZE, 3)
 
-    doubled = tmp_path / "ensemble"
-    assert explain_cli.main([str(demo.data_folder / "mel"), "--model", str(demo.model_path), "--model", str(demo.model_path),
-                             "--output", str(doubled)]) == 0
-    ensemble_rows = {row["image"]: row for row in json.loads((doubled / "predictions.json").read_text())["predictions"]}
+    # A second member: the demo model with another classification layer.
+    model, saved = load_classifier(demo.model_path)
+    with torch.no_grad():
+        model.get_classifier().weight.add_(torch.randn_like(model.get_classifier().weight, generator=torch.Generator().manual_seed(3)))
+    other = save_classifier(tmp_path / "other.pt", model, model_name=saved.model_name, classes=saved.classes, preprocess=saved.preprocess)
+    other_out = tmp_path / "other"
+    assert explain_cli.main([*map(str, images), "--model", str(other), "--output", str(other_out)]) == 0
+    other_rows = json.loads((other_out / "predictions.json").read_text())["predictions"]
+    pair = tmp_path / "ensemble"
+    assert explain_cli.main([str(demo.data_folder / "mel"), "--model", str(demo.model_path), "--model", str(other),
+                             "--output", str(pair)]) == 0
+    ensemble_rows = {row["image"]: row for row in json.loads((pair / "predictions.json").read_text())["predictions"]}
     onnx_out = tmp_path / "onnx"
     assert explain_cli.main([*map(str, images), "--onnx", str(onnx_path), "--output", str(onnx_out)]) == 0
     onnx_rows = json.loads((onnx_out / "predictions.json").read_text())["predictions"]
-    for row, onnx_row in zip(predictions, onnx_rows):
-        # Two copies of one model average to that model; ONNX Runtime agrees with PyTorch.
+    assert any(row["probabilities"] != pytest.approx(other_row["probabilities"], abs=1e-3) for row, other_row in zip(predictions, other_rows))
+    for row, other_row, onnx_row in zip(predictions, other_rows, onnx_rows):
+        # The ensemble's probabilities are its two members' mean; ONNX Runtime agrees with PyTorch.
         for name, value in row["probabilities"].items():
-            assert ensemble_rows[row["image"]]["probabilities"][name] == pytest.approx(value, abs=1e-5)
+            mean = (value + other_row["probabilities"][name]) / 2
+            assert ensemble_rows[row["image"]]["probabilities"][name] == pytest.approx(mean, abs=1e-5)
             assert onnx_row["probabilities"][name] == pytest.approx(value, abs=1e-4)
         torch_overlay = np.asarray(Image.open(single / row["overlay"])).astype(int)
         onnx_overlay = np.asarray(Image.open(onnx_out / onnx_row["overlay"])).astype(int)

@@ -64,7 +64,6 @@ def test_randomising_the_top_layers_changes_the_maps(method):
     # (its classification layer trained from zero): Grad-CAM 0.13, 0.20, 0.53, -0.17; Grad-CAM++ 0.98, 0.89,
     # 0.78, 0.58 (below 0.5 while the layer started from timm's random draw).
     assert correlations[-1] < (0.5 if method == "gradcam" else 0.65), report
-    assert correlations[-1] < correlations[0] or correlations[0] < 0.6, report
     if method == "gradcam":
         # Grad-CAM's channel weights are the head's weights, so randomising the head alone changes the maps.
         assert max(correlations) < 0.6, report
