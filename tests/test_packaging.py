@@ -15,8 +15,10 @@ from packaging.version import Version
 from shared.extras import EXTRA_MODULES
 
 REPO = Path(__file__).resolve().parent.parent
-PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-PACKAGES = ("client", "server", "shared", "simulation")
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+PROJECT = PYPROJECT["project"]
+PACKAGES = tuple(pattern.rstrip("*") for pattern in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"])
+"""The project's own top-level packages, as pyproject installs them."""
 
 
 def constraint_versions() -> dict[str, Version]:

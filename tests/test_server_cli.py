@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from fastapi.routing import APIRoute
 
+from coordinator import cli
 from coordinator.certs import init_credentials
 from coordinator.deployment import check_credentials
 from coordinator.nginx_proxy import (
@@ -26,7 +27,6 @@ from coordinator.nginx_proxy import (
     render_config,
     write_config,
 )
-from server import cli
 from server.history import MetricHistory
 from server.run_config_file import app_directory, read_run_config_file
 from shared.config import FLOWER_RUN_CONFIG_KEYS, run_config_from_flower

@@ -48,7 +48,7 @@ class _SuperLink:
 
 
 def test_sync_registers_every_key_and_unregisters_removed_and_replaced_ones(credentials, tmp_path, monkeypatch):
-    from server import site_keys
+    from coordinator import site_keys
 
     superlink = _SuperLink()
     monkeypatch.setattr(site_keys, "run_flower_cli", superlink)
@@ -80,7 +80,7 @@ def test_sync_registers_every_key_and_unregisters_removed_and_replaced_ones(cred
 
 
 def test_a_key_registered_before_node_ids_were_recorded_is_named_when_it_cannot_be_revoked(credentials, tmp_path, monkeypatch):
-    from server import site_keys
+    from coordinator import site_keys
 
     superlink = _SuperLink()
     monkeypatch.setattr(site_keys, "run_flower_cli", superlink)
