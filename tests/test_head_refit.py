@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fake_grid import FeatureClassifier, error_reply, site_reply, use_plain_messages
+from fake_grid import FeatureClassifier, RefitSitesGrid, error_reply, use_plain_messages
 from shared.errors import ConfigError, ModelError
 from shared.head_refit import (
     HEAD_REFIT_STEPS,
@@ -149,47 +149,28 @@ def test_head_names_come_from_the_model_and_a_model_without_a_linear_head_is_ref
         cut_model(FeatureClassifier(2, 3), "last-stage")
 
 
-class _SitesGrid:
+class _SitesGrid(RefitSitesGrid):
     """Sites holding 2-D features; they answer the class census and head-gradient queries as real sites do."""
 
     def __init__(self, sites) -> None:
+        super().__init__(range(1, len(sites) + 1))
         self.sites = dict(enumerate(sites, start=1))
-        self.kinds: list[str] = []
 
-    def get_node_ids(self):
-        return list(self.sites)
+    def class_counts(self, node):
+        return np.bincount(self.sites[node][1].numpy(), minlength=3)
 
-    def send_and_receive(self, messages, timeout=None):
-        from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-
+    def refit_answer(self, node, message):
         from shared.config import RoundInstructions
+        from shared.head_refit import SiteAnswer
 
-        replies = []
-        for message in messages:
-            self.kinds.append(message.message_type)
-            features, labels, val_features, val_labels = self.sites[message.metadata.dst_node_id]
-            counts = np.bincount(labels.numpy(), minlength=3)
-            if message.message_type == "query.class_counts":
-                content = RecordDict({"metrics": MetricRecord({"num-examples": len(labels), "class-counts": counts.tolist()})})
-            else:
-                instructions = RoundInstructions.model_validate_json(message.content["config"]["instructions"])
-                weights = balanced_class_weights(instructions.federation_class_counts)
-                arrays = message.content["arrays"]
-                weight, bias = (torch.from_numpy(arrays[name].numpy()) for name in ("classifier.weight", "classifier.bias"))
-                loss, gradient_weight, gradient_bias, total = summed_head_gradient(weight, bias, features, labels, weights)
-                confusion = confusion_counts(val_features @ weight.T + bias, val_labels, 3)
-                content = RecordDict({
-                    "metrics": MetricRecord({
-                        "num-examples": len(labels), "head-loss": loss, "head-image-weight": total,
-                        "val-confusion-matrix": confusion.ravel().tolist(),
-                    }),
-                    "head-gradient": ArrayRecord({
-                        "classifier.weight": Array(gradient_weight.astype(np.float32)),
-                        "classifier.bias": Array(gradient_bias.astype(np.float32)),
-                    }),
-                })
-            replies.append(site_reply(message.metadata.dst_node_id, content))
-        return replies
+        features, labels, val_features, val_labels = self.sites[node]
+        weights = balanced_class_weights(RoundInstructions.model_validate_json(message.content["config"]["instructions"]).federation_class_counts)
+        arrays = message.content["arrays"]
+        weight, bias = (torch.from_numpy(arrays[name].numpy()) for name in ("classifier.weight", "classifier.bias"))
+        loss, gradient_weight, gradient_bias, total = summed_head_gradient(weight, bias, features, labels, weights)
+        confusion = confusion_counts(val_features @ weight.T + bias, val_labels, 3)
+        gradient = {"classifier.weight": gradient_weight, "classifier.bias": gradient_bias}
+        return SiteAnswer(loss, gradient, total, confusion.ravel().tolist())
 
 
 def test_the_server_takes_the_census_then_queries_the_sites_and_hands_on_the_refitted_layer(monkeypatch):

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fake_grid import RefitSitesGrid
 from shared.config import ModelConfig
 from shared.data.cache import CachedImages
 from shared.data.transforms import build_eval_transform
@@ -127,46 +128,26 @@ def test_a_site_answer_keeps_no_gradient_on_the_model():
     assert all(parameter.grad is None for parameter in model.parameters())
 
 
-class _ImageSitesGrid:
+class _ImageSitesGrid(RefitSitesGrid):
     """Sites holding images; they answer the class census and refit queries with the sites' own calls."""
 
     def __init__(self, model, sites, val) -> None:
+        super().__init__(range(1, len(sites) + 1))
         self.model, self.sites, self.val = model, dict(enumerate(sites, start=1)), val
-        self.kinds: list[str] = []
 
-    def get_node_ids(self):
-        return list(self.sites)
+    def class_counts(self, node):
+        return self.sites[node].class_counts()
 
-    def send_and_receive(self, messages, timeout=None):
-        from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-
-        from fake_grid import site_reply
+    def refit_answer(self, node, message):
         from shared.config import RoundInstructions
         from shared.top_refit import site_refit_gradient
 
-        replies = []
-        for message in messages:
-            self.kinds.append(message.message_type)
-            images = self.sites[message.metadata.dst_node_id]
-            if message.message_type == "query.class_counts":
-                counts = [int(count) for count in images.class_counts()]
-                content = RecordDict({"metrics": MetricRecord({"num-examples": len(images), "class-counts": counts})})
-            else:
-                instructions = RoundInstructions.model_validate_json(message.content["config"]["instructions"])
-                arrays = message.content["arrays"]
-                self.model.load_state_dict({name: torch.as_tensor(arrays[name].numpy()) for name in arrays.keys()})
-                answer = site_refit_gradient(instructions.run.federation.refit_layers)(
-                    self.model, images, self.val, instructions.federation_class_counts, device=torch.device("cpu"), precision=FP32
-                )
-                content = RecordDict({
-                    "metrics": MetricRecord({
-                        "num-examples": len(images), "head-loss": answer.loss, "head-image-weight": answer.image_weight,
-                        "val-confusion-matrix": answer.validation_confusion,
-                    }),
-                    "head-gradient": ArrayRecord({name: Array(value) for name, value in answer.gradient.items()}),
-                })
-            replies.append(site_reply(message.metadata.dst_node_id, content))
-        return replies
+        instructions = RoundInstructions.model_validate_json(message.content["config"]["instructions"])
+        arrays = message.content["arrays"]
+        self.model.load_state_dict({name: torch.as_tensor(arrays[name].numpy()) for name in arrays.keys()})
+        return site_refit_gradient(instructions.run.federation.refit_layers)(
+            self.model, self.sites[node], self.val, instructions.federation_class_counts, device=torch.device("cpu"), precision=FP32
+        )
 
 
 def test_the_server_refits_the_last_stage_from_the_sites_answers_and_hands_on_only_those_layers(monkeypatch):
