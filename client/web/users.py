@@ -8,6 +8,7 @@ import json
 import os
 import re
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,3 +105,26 @@ def authenticate(users: list[User], token: str) -> User | None:
         if hmac.compare_digest(presented, user.token_sha256):
             found = user
     return found
+
+
+class UserDirectory:
+    """The users file, re-read when it changes so that IT's additions and removals apply at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple | None = None
+        self._users: list[User] = []
+
+    def users(self) -> list[User]:
+        """The current users."""
+        try:
+            status = os.stat(self.path)
+            stamp = (status.st_mtime_ns, status.st_size, status.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        with self._lock:
+            if stamp != self._stamp or stamp is None:
+                self._users = UserList(self.path).users
+                self._stamp = stamp
+            return self._users
