@@ -39,6 +39,18 @@ def expand_model_paths(paths: list[Path], last: int | None = None) -> list[Path]
     return expanded
 
 
+def check_same_task(saved: list[SavedClassifier], paths: list[Path]) -> None:
+    """Raise ModelError unless every saved model has the first one's classes, preprocessing and normalisation."""
+    first = saved[0]
+    for entry, path in zip(saved[1:], paths[1:]):
+        if (entry.classes, entry.preprocess, entry.mean, entry.std) != (first.classes, first.preprocess, first.mean, first.std):
+            raise ModelError(
+                f"{path} has classes {entry.classes} at {entry.preprocess.image_size} px but {paths[0]} has "
+                f"{first.classes} at {first.preprocess.image_size} px; an ensemble averages models of one task, "
+                "so give models from runs with the same classes and preprocessing (e.g. checkpoints of one run)"
+            )
+
+
 @dataclass
 class Ensemble:
     """One or more classifiers over the same classes and preprocessing whose probabilities are averaged."""
@@ -46,25 +58,18 @@ class Ensemble:
     members: list[nn.Module]
     saved: SavedClassifier
     paths: list[Path]
+    target_layers: list[str] | None = None
+    """Each member's Grad-CAM layer, when already known (else found by a probe pass per explanation)."""
 
     @classmethod
     def load(cls, paths: list[Path], device: str | torch.device = "cpu") -> Ensemble:
         """Load saved models that agree on classes, preprocessing and normalisation, in eval mode on `device`."""
         if not paths:
             raise ModelError("an ensemble needs at least one saved model file")
-        members, first = [], None
-        for path in paths:
-            model, saved = load_classifier(path, device=device)
-            if first is None:
-                first = saved
-            elif (saved.classes, saved.preprocess, saved.mean, saved.std) != (first.classes, first.preprocess, first.mean, first.std):
-                raise ModelError(
-                    f"{path} has classes {saved.classes} at {saved.preprocess.image_size} px but {paths[0]} has "
-                    f"{first.classes} at {first.preprocess.image_size} px; an ensemble averages models of one task, "
-                    "so give models from runs with the same classes and preprocessing"
-                )
-            members.append(place_model(model, torch.device(device)).eval())
-        return cls(members, first, [Path(path) for path in paths])
+        loaded = [load_classifier(path, device=device) for path in paths]
+        check_same_task([saved for _, saved in loaded], [Path(path) for path in paths])
+        members = [place_model(model, torch.device(device)).eval() for model, _ in loaded]
+        return cls(members, loaded[0][1], [Path(path) for path in paths])
 
     @property
     def classes(self) -> list[str]:
@@ -92,15 +97,16 @@ class Ensemble:
 
         Every member explains the same class: the given one, or the ensemble's predicted class.
         """
+        layers = self.target_layers or [None] * len(self.members)
         if len(self.members) == 1:
-            with GradCam(self.members[0], method=method, batch_size=batch_size) as cam:
+            with GradCam(self.members[0], target_layer=layers[0], method=method, batch_size=batch_size) as cam:
                 return cam(images, class_indices)
         probabilities = self.predict(images)
         if class_indices is None:
             class_indices = torch.from_numpy(probabilities.argmax(axis=1))
         summed = None
-        for member in self.members:
-            with GradCam(member, method=method, batch_size=batch_size) as cam:
+        for member, layer in zip(self.members, layers):
+            with GradCam(member, target_layer=layer, method=method, batch_size=batch_size) as cam:
                 maps, _ = cam(images, class_indices)
             summed = maps if summed is None else summed + maps
         return normalise_maps(torch.from_numpy(summed / len(self.members))).numpy().astype(np.float32), probabilities

@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from shared.data.images import decode_image
-from shared.data.transforms import NormaliseToFloat, preprocess_image, resize_and_centre_crop
+from shared.data.transforms import preprocess_image, resize_and_centre_crop
 from shared.device import resolve_device
+from shared.ensemble import Ensemble, check_same_task, normalise_pixels
 from shared.errors import ModelError
-from shared.explain.gradcam import GradCam, find_target_layer, overlay_heatmap
+from shared.explain.gradcam import find_target_layer, overlay_heatmap
 from shared.models.classifier import SavedClassifier, load_classifier
 
 DISPLAY_SIZE = 384
@@ -176,6 +177,7 @@ class Classifier:
         with self._lock:
             self._reload_changed()
             preprocess = self.models[0].saved.preprocess
+            preprocess_mean, preprocess_std = self.models[0].saved.mean, self.models[0].saved.std
             display_size = max(DISPLAY_SIZE, self.image_size)
             model_inputs, displays = [], []
             for path in paths:
@@ -187,36 +189,17 @@ class Classifier:
             predictions: list[Prediction] = []
             for start in range(0, len(model_inputs), BATCH_SIZE):
                 batch = np.stack(model_inputs[start : start + BATCH_SIZE])
-                probabilities, heatmaps = self._explain(batch)
+                heatmaps, probabilities = self._ensemble().explain(normalise_pixels(batch, preprocess_mean, preprocess_std).to(self.device))
                 for display, probability_row, heatmap in zip(displays[start : start + BATCH_SIZE], probabilities, heatmaps):
                     predictions.append(self._prediction(display, probability_row, heatmap))
             return predictions, self.version
 
-    def _explain(self, model_inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Ensemble-mean probabilities [N, K] and mean Grad-CAM heatmaps [N, S, S] for the ensemble's top class."""
-        pixels = torch.from_numpy(model_inputs).permute(0, 3, 1, 2)
-        inputs = [self._normalised(pixels, entry) for entry in self.models]
-        if len(self.models) == 1:
-            with GradCam(self.models[0].model, target_layer=self.models[0].target_layer) as cam:
-                heatmaps, probabilities = cam(inputs[0])
-            return np.asarray(probabilities, dtype=np.float64), np.asarray(heatmaps, dtype=np.float32)
-        with torch.no_grad():
-            probabilities = np.mean(
-                [torch.softmax(entry.model(batch).float(), dim=1).cpu().numpy() for entry, batch in zip(self.models, inputs)], axis=0
-            )
-        top = [int(index) for index in probabilities.argmax(axis=1)]
-        maps = []
-        for entry, batch in zip(self.models, inputs):
-            with GradCam(entry.model, target_layer=entry.target_layer) as cam:
-                heatmaps, _ = cam(batch, class_indices=top)
-            maps.append(np.asarray(heatmaps, dtype=np.float32))
-        mean_map = np.mean(maps, axis=0)
-        peak = mean_map.reshape(len(mean_map), -1).max(axis=1).reshape(-1, 1, 1)
-        return probabilities, np.where(peak > 0, mean_map / np.maximum(peak, 1e-12), 0.0).astype(np.float32)
-
-    def _normalised(self, pixels: torch.Tensor, entry: LoadedModel) -> torch.Tensor:
-        normalise = NormaliseToFloat(entry.saved.mean, entry.saved.std)
-        return torch.stack([normalise(image) for image in pixels]).to(self.device)
+    def _ensemble(self) -> Ensemble:
+        """The loaded models as one ensemble (shared.ensemble: mean probabilities, mean Grad-CAM maps of its top class)."""
+        return Ensemble(
+            [entry.model for entry in self.models], self.models[0].saved, [entry.path for entry in self.models],
+            target_layers=[entry.target_layer for entry in self.models],
+        )
 
     def _prediction(self, display: np.ndarray, probability_row: np.ndarray, heatmap: np.ndarray) -> Prediction:
         classes = self.classes
@@ -243,14 +226,8 @@ class Classifier:
 
 def _check_compatible(models: list[LoadedModel], malignant_classes: list[str]) -> None:
     """Ensemble members must share classes and preprocessing; the malignant classes must be among the classes."""
+    check_same_task([entry.saved for entry in models], [entry.path for entry in models])
     first = models[0]
-    for entry in models[1:]:
-        if entry.saved.classes != first.saved.classes or entry.saved.preprocess != first.saved.preprocess:
-            raise ModelError(
-                f"{entry.path} (classes {entry.saved.classes}, {entry.saved.preprocess}) cannot be averaged with "
-                f"{first.path} (classes {first.saved.classes}, {first.saved.preprocess}); an ensemble needs models "
-                "of the same class list and preprocessing, e.g. checkpoints of one run"
-            )
     unknown = [name for name in malignant_classes if name not in first.saved.classes]
     if unknown:
         raise ModelError(
