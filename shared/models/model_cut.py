@@ -72,8 +72,8 @@ class ModelCut:
 def cut_model(model: nn.Module, layers: RefitLayers) -> ModelCut:
     """Cut `model` below its classification layer, or below its last feature stage (with its head convolution and BatchNorm).
 
-    'last-stage' knows timm's EfficientNet / MobileNet family (the last block stage, conv_head,
-    bn2, classifier) and ResNets (layer4, fc).
+    'last-stage' knows timm's EfficientNet layout (the last block stage, conv_head, bn2,
+    classifier) and ResNets (layer4, fc).
     """
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(head, nn.Linear):
