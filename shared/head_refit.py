@@ -26,6 +26,7 @@ from shared.data.cache import CachedImages
 from shared.errors import ModelError
 from shared.metrics import metrics_from_confusion
 from shared.models.frozen_features import frozen_features
+from shared.models.model_cut import cut_model
 from shared.precision import Precision
 
 HEAD_REFIT_STEPS = 30
@@ -36,22 +37,13 @@ HEAD_REFIT_WEIGHT_DECAY = 3e-3
 
 def head_parameter_names(model: nn.Module) -> tuple[str, str]:
     """The state-dict names of the classification layer's weight and bias."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if not isinstance(head, nn.Linear) or head.bias is None:
+    names = cut_model(model, "classification-layer").trained_names
+    if len(names) != 2:
         raise ModelError(
-            f"the head refit trains a linear classification layer with a bias, and {type(model).__name__} has "
-            f"{type(head).__name__}; use a timm classifier with a linear head or set federation.head_refit_steps 0"
+            f"the head refit trains a linear classification layer with a bias, and {type(model).__name__}'s has no bias; "
+            "use a timm classifier with a linear head or set federation.head_refit_steps 0"
         )
-    names = {id(parameter): name for name, parameter in model.named_parameters()}
-    return names[id(head.weight)], names[id(head.bias)]
-
-
-def set_head(model: nn.Module, weight: np.ndarray, bias: np.ndarray) -> None:
-    """Overwrite the classification layer's weight and bias in place."""
-    head = model.get_classifier()
-    with torch.no_grad():
-        head.weight.copy_(torch.as_tensor(np.asarray(weight), dtype=head.weight.dtype))
-        head.bias.copy_(torch.as_tensor(np.asarray(bias), dtype=head.bias.dtype))
+    return names[0], names[1]
 
 
 def balanced_class_weights(class_counts: list[int] | np.ndarray) -> np.ndarray:
@@ -173,14 +165,6 @@ def sum_answers(answers: Sequence[SiteAnswer], names: Sequence[str], num_classes
         {name: np.asarray(value) for name, value in gradient.items()},
         sum(answer.image_weight for answer in answers),
         confusion,
-    )
-
-
-def summed_answers(answers: Sequence[SiteAnswer], weight_name: str, bias_name: str, num_classes: int) -> FederationGradient:
-    """What the sites' answers at one classification layer add up to (zeros without answers)."""
-    summed = sum_answers(answers, (weight_name, bias_name), num_classes)
-    return FederationGradient(
-        summed.loss, summed.gradient[weight_name], summed.gradient[bias_name], summed.summed_image_weight, summed.validation_confusion
     )
 
 

@@ -259,13 +259,13 @@ def test_a_site_sends_no_head_gradient_in_a_private_run(monkeypatch):
 
 
 def test_the_sites_answers_add_up_tensor_by_tensor():
-    from shared.head_refit import SiteAnswer, summed_answers
+    from shared.head_refit import SiteAnswer, sum_answers
 
     answers = [
         SiteAnswer(1.5, {"w": np.ones((3, 2), np.float32), "b": np.ones(3, np.float32)}, 2.0, [1, 0, 0, 0, 1, 0, 0, 0, 1]),
         SiteAnswer(0.5, {"w": 2 * np.ones((3, 2), np.float32), "b": np.zeros(3, np.float32)}, 3.0, [0, 1, 0, 0, 1, 0, 0, 0, 0]),
     ]
-    summed = summed_answers(answers, "w", "b", 3)
+    summed = sum_answers(answers, ("w", "b"), 3)
     assert summed.loss == 2.0 and summed.summed_image_weight == 5.0
-    assert summed.weight_gradient.tolist() == [[3.0, 3.0]] * 3 and summed.bias_gradient.tolist() == [1.0, 1.0, 1.0]
+    assert summed.gradient["w"].tolist() == [[3.0, 3.0]] * 3 and summed.gradient["b"].tolist() == [1.0, 1.0, 1.0]
     assert summed.validation_confusion.tolist() == [[1, 1, 0], [0, 2, 0], [0, 0, 1]]
