@@ -18,7 +18,6 @@ from shared.models.classifier import load_classifier
 from shared.run_folder import RunFolder
 from shared.weights import model_to_arrays
 
-RESUMES_FILE = "resumes.json"
 logger = logging.getLogger(__name__)
 
 
@@ -133,7 +132,7 @@ def note_resume(point: ResumePoint, submitted: RunConfig | None = None) -> None:
             point.run_folder,
             ", ".join(differences),
         )
-    path = point.run_folder / RESUMES_FILE
+    path = RunFolder(point.run_folder).resumes
     try:
         earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
     except json.JSONDecodeError as error:

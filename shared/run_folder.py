@@ -67,6 +67,11 @@ class RunFolder:
         return self.path / "metrics.png"
 
     @property
+    def resumes(self) -> Path:
+        """When the run was resumed, after which round, with what changed."""
+        return self.path / "resumes.json"
+
+    @property
     def privacy(self) -> Path:
         """The sites' reported epsilons per round (private runs)."""
         return self.path / "privacy.json"

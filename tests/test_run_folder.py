@@ -15,6 +15,7 @@ def test_every_file_a_run_writes_has_one_name(tmp_path):
     assert folder.final_model == tmp_path / "final_model.pt" and folder.checkpoint(7) == tmp_path / "checkpoints" / "round_007.pt"
     assert folder.centralised.final_model == tmp_path / "centralised" / "final_model.pt"
     assert folder.manifest == tmp_path / "sites" / "manifest.json" and folder.privacy == tmp_path / "privacy.json"
+    assert folder.resumes == tmp_path / "resumes.json" and folder.summary == tmp_path / "summary.json"
     assert folder.gan_checkpoint(12) == tmp_path / "gan" / "checkpoints" / "round_012.pt"
     assert folder.gan_grid(3) == tmp_path / "gan" / "grids" / "round_003.png"
 
